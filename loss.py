@@ -1,0 +1,134 @@
+"""The F2LLM contrastive loss and a gradient cache that makes it exact for any batch in one chunk's memory.
+
+Loss (F2LLM report, section 3; SPEC section 2), temperature tau = 0.05, s = cosine:
+    hard     = CE over [d_i, d_i1..d_in] for each query q_i, label d_i         (every batch)
+    in_batch = CE over the positives of the whole global batch, label d_i     (retrieval batches only)
+    loss     = mean over queries of hard (+ in_batch)
+
+Difference from the official code: it gathers positives across GPUs with accelerate's `gather`, which
+carries no gradient, so with more than one GPU the in-batch term trains only the query side. Here the
+positives are gathered with a differentiable all-gather: each rank keeps its own queries, the gradient of
+every positive flows back to the rank that made it, and DDP's gradient averaging completes the mean over the
+global batch. N ranks therefore give the gradient of one process holding the whole global batch.
+
+Gradient cache (Gao et al. 2021; SPEC section 3): 1) embed every chunk without autograd, 2) loss on the
+detached embeddings, backward to d loss / d embedding, 3) re-embed each chunk with autograd under the same
+RNG state and backward with the cached gradient. Exact, one extra forward; memory of one chunk.
+"""
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+TEMPERATURE = 0.05  # SPEC section 2; never changed in the official code
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order. Every rank's loss uses every row, so the gradient of a rank's own rows
+    is the sum over ranks of d loss_r / d rows: an all-reduce, then this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x):
+    """(rows of all ranks, offset of this rank's rows)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
+
+
+def f2llm_loss(queries, positives, negatives, in_batch, temperature=TEMPERATURE):
+    """queries, positives: [B, H]; negatives: [B, n, H]; all L2-normalised. Returns (loss, hard, in_batch)."""
+    candidates = torch.cat([positives[:, None], negatives], 1)  # [B, 1 + n, H]
+    scores = torch.einsum("bh,bch->bc", queries, candidates) / temperature
+    labels = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
+    hard = F.cross_entropy(scores, labels)
+    if not in_batch:
+        return hard, hard.detach(), torch.zeros_like(hard)
+    all_positives, offset = gather_with_grad(positives)
+    scores = queries @ all_positives.T / temperature
+    ib = F.cross_entropy(scores, offset + torch.arange(len(queries), device=queries.device))
+    return hard + ib, hard.detach(), ib.detach()
+
+
+def split_embeddings(emb, n_queries, n_negatives):
+    """Rows are laid out [queries; groups of (positive, negative_1..n) per query]."""
+    docs = emb[n_queries:].view(n_queries, 1 + n_negatives, -1)
+    return emb[:n_queries], docs[:, 0], docs[:, 1:]
+
+
+@contextmanager
+def no_sync(model):
+    """Skip the gradient all-reduce for this forward + backward: DDP's no_sync, FSDP2's gradient sync switch."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def chunk_by_length(seqs, chunk_size):
+    """Index lists of at most chunk_size sequences, longest first, so each chunk pads to similar lengths."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    return [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _restore_rng(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def cached_step(model, batch, collate, chunk_size, amp=nullcontext, temperature=TEMPERATURE):
+    """Forward + backward of one batch through the gradient cache; returns (loss, hard, in_batch) detached.
+
+    batch: dict(seqs=[queries..., then per query positive + n negatives], n_queries, n_negatives, in_batch).
+    collate(list of token lists) -> (input_ids, attention_mask) on the model's device.
+    Every rank must hold the same number of sequences so every rank runs the same number of chunks.
+    """
+    seqs = batch["seqs"]
+    chunks = chunk_by_length(seqs, chunk_size)
+    device = next(model.parameters()).device
+    emb, states = None, []
+    with torch.no_grad():
+        for idx in chunks:
+            states.append(_rng_state(device))
+            with amp():
+                e = model(*collate([seqs[i] for i in idx]))
+            if emb is None:
+                emb = torch.empty(len(seqs), e.shape[1], device=device)
+            emb[idx] = e.float()
+    emb.requires_grad_(True)
+    loss, hard, ib = f2llm_loss(*split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"], temperature)
+    loss.backward()
+    grad = emb.grad
+    for k, idx in enumerate(chunks):
+        # All but the last chunk accumulate locally; the last one triggers DDP's single all-reduce.
+        with (no_sync(model) if k < len(chunks) - 1 else nullcontext()), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _restore_rng(states[k], device)
+            with amp():
+                e = model(*collate([seqs[i] for i in idx]))
+            e.float().backward(grad[idx])
+    return loss.detach(), hard, ib

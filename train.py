@@ -1,0 +1,275 @@
+"""Train an F2LLM embedding model: Qwen3 + EOS pooling + contrastive loss with a gradient cache.
+
+    python train.py                                              # tiny Qwen3 on built-in data, CPU, minutes
+    torchrun --standalone --nproc_per_node=2 train.py            # the same on 2 processes (gloo on CPU)
+    torchrun --standalone --nproc_per_node=8 train.py --size 0.6b --data DIR   # the paper's recipe, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --size 4b --fsdp --data codefuse-ai/F2LLM
+    python train.py --resume                                     # continue the run in --out exactly
+
+One step: the global batch (512 queries in the paper, all from one source) is split across ranks; each rank
+runs the gradient cache over its share in chunks of --chunk-size sequences; one all-reduce; clip; AdamW.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
+import data
+import eval as evaluation
+import loss as f2llm_loss
+import model as f2llm_model
+
+# ---- configuration: paper Table 1 and the released config (SPEC section 5) ---------------------------------
+PRESETS = {  # lr, global batch (queries), max length, epochs, warmup steps
+    "0.6b": dict(lr=1e-5, batch_size=512, max_len=1024, epochs=2, warmup=500),
+    "1.7b": dict(lr=9e-6, batch_size=512, max_len=1024, epochs=2, warmup=500),
+    "4b": dict(lr=8e-6, batch_size=512, max_len=1024, epochs=2, warmup=500),
+    # random init learns from scratch: a large rate, short sequences, a few minutes on 2 CPU cores
+    "tiny": dict(lr=1e-3, batch_size=32, max_len=128, epochs=1, warmup=10),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--size", default="tiny", choices=list(PRESETS), help="Qwen3 size; picks the presets below")
+    p.add_argument("--model", help="local Hugging Face folder or hub id instead of the size's Qwen3 checkpoint")
+    p.add_argument("--random-init", action="store_true", help="the size's architecture with random weights, no download")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer (FSDP2) for models too big for DDP")
+    # data
+    p.add_argument("--data", help="folder of F2LLM .parquet/.jsonl files or hub id codefuse-ai/F2LLM (default: built-in)")
+    p.add_argument("--task-type", action="append", default=[], metavar="SOURCE=TYPE", help=f"override a source's task type ({', '.join(data.TASK_TYPES)})")
+    p.add_argument("--max-len", type=int, help="tokens per sequence, EOS included (preset)")
+    # optimisation (AdamW betas (0.9, 0.98), cosine schedule: the paper's)
+    p.add_argument("--lr", type=float, help="peak learning rate (preset)")
+    p.add_argument("--min-lr", type=float, default=1e-7, help="learning-rate floor")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (preset)")
+    p.add_argument("--epochs", type=int, help="passes over every source (preset)")
+    p.add_argument("--batch-size", type=int, help="global batch in queries, over all ranks (preset)")
+    p.add_argument("--chunk-size", type=int, default=64, help="sequences per gradient-cache chunk: sets memory, not the result")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--temperature", type=float, default=f2llm_loss.TEMPERATURE)
+    p.add_argument("--seed", type=int, default=0)
+    # bookkeeping
+    p.add_argument("--out", default="out", help="checkpoints, log.jsonl and evaluation results")
+    p.add_argument("--cache-dir", default=os.path.join(f2llm_model.CACHE, "tokenized"), help="tokenized data cache")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--val-every", type=int, default=50, help="held-out loss every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="built-in evaluation tasks every N steps (0: before and after)")
+    p.add_argument("--eval-tasks", nargs="*", help="task folders evaluated during training (default: built-in)")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step, e.g. to fit a job's time limit")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.size].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.task_type = dict(kv.split("=", 1) for kv in args.task_type)
+    if bad := {k: v for k, v in args.task_type.items() if v not in data.TASK_TYPES}:
+        p.error(f"--task-type: unknown types {bad}")
+    return args
+
+
+def lr_at(step, args, total):
+    """Linear warmup, cosine decay to zero, clamped at min_lr (as the official code does)."""
+    if step < args.warmup:
+        return max(args.min_lr, args.lr * step / args.warmup)
+    progress = (step - args.warmup) / max(1, total - args.warmup)
+    return max(args.min_lr, args.lr * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def save(path, model, optimizer, tokenizer, step, args, rank):
+    """HF folder (AutoModel-loadable) + state.pt; written aside and swapped in, so a crash leaves the old one."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=full)
+    optim = get_optimizer_state_dict(model, optimizer, options=full)
+    if rank == 0:
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        backbone = weights_owner(model).backbone
+        backbone.save_pretrained(tmp, state_dict={k.removeprefix("backbone."): v for k, v in weights.items()})
+        tokenizer.save_pretrained(tmp)
+        torch.save(dict(optimizer=optim, step=step, args=vars(args), rng=torch.get_rng_state(),
+                        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), os.path.join(tmp, "state.pt"))
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def weights_owner(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def validate(model, batches, collate, amp, args, world):
+    """Mean held-out loss per source, computed like training (shards + cross-rank in-batch negatives)."""
+    sums = {}
+    model.eval()
+    with torch.no_grad():
+        for b in batches.validation():
+            with amp():
+                emb = torch.cat([model(*collate(b["seqs"][i:i + args.chunk_size])) for i in range(0, len(b["seqs"]), args.chunk_size)])
+            loss = f2llm_loss.f2llm_loss(*f2llm_loss.split_embeddings(emb.float(), b["n_queries"], b["n_negatives"]), b["in_batch"], args.temperature)[0]
+            total = sums.setdefault(b["source"], [0.0, 0])
+            total[0] += loss.item()
+            total[1] += 1
+    model.train()
+    if not sums:  # held-out sets smaller than the number of ranks
+        return None, {}
+    out = torch.tensor([s / n for s, n in sums.values()], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(out)
+        out /= world
+    per_source = dict(zip(sums, out.tolist()))
+    return sum(per_source.values()) / len(per_source), per_source
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # ---- distributed set-up: torchrun's RANK / LOCAL_RANK / WORLD_SIZE; nccl on GPUs, gloo on CPU ----------
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    torch.manual_seed(args.seed)
+    amp = lambda: f2llm_model.autocast(device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = os.path.join(args.out, "checkpoint")
+    if args.resume and not os.path.exists(os.path.join(ckpt, "state.pt")):
+        raise SystemExit(f"--resume: no checkpoint in {ckpt}")
+
+    # ---- model: the checkpoint when resuming, else the size's Qwen3 (or --model) ------------------------------
+    name = ckpt if args.resume else (args.model or args.size)
+    model, tokenizer = f2llm_model.load(name, random_init=args.random_init, device=device, seed=args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"model {name}: {n_params:,} parameters, {model.backbone.config._attn_implementation} attention, {world} rank(s) on {device.type}")
+    collate = lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device)
+
+    # ---- data: checked and tokenized by rank 0 first, then read from the cache by everyone -------------------
+    folder = args.data or os.path.join(f2llm_model.CACHE, "stdlib-data")
+    tasks = args.eval_tasks
+    for turn in (0, 1):  # rank 0 prepares files and caches, then the others read them
+        if (rank == 0) == (turn == 0):
+            if not args.data:
+                data.write_builtin_data(folder)
+            if tasks is None:
+                tasks = evaluation.builtin_tasks(os.path.join(f2llm_model.CACHE, "stdlib-tasks"))
+            sources = [data.load_source(f, tokenizer, args.max_len, args.cache_dir, data.task_type(data.source_name(f), args.task_type),
+                                        f2llm_model.tokenize, progress=master) for f in data.find_files(folder)]
+        if world > 1:
+            dist.barrier()
+    batches = data.Batches(sources, args.batch_size, world, rank, args.seed)
+    total = batches.steps_per_epoch * args.epochs
+    for s, n in zip(sources, batches.n_batches):
+        print0(f"  source {s.name}: {s.kind}, {len(s.query):,} rows, {n} steps per epoch")
+    print0(f"{total} steps: {args.epochs} epoch(s) x {batches.steps_per_epoch}, global batch {args.batch_size} queries")
+
+    # ---- wrap for data parallelism, optimizer, resume ---------------------------------------------------------
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.backbone.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start = state["step"]
+        print0(f"resumed from {ckpt} at step {start}")
+    encoder = weights_owner(model)
+
+    def run_eval(step):
+        # Every rank encodes (FSDP needs all of them); rank 0 writes and prints.
+        results = evaluation.evaluate(encoder, tokenizer, tasks, out=os.path.join(args.out, "eval", f"step{step}") if master else None, progress=False)
+        print0(f"eval step {step} | " + " | ".join(f"{r['task']} {r['main_score_name']} {r['main_score']:.4f}" for r in results))
+        return {r["task"]: r["main_score"] for r in results}
+
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    def write(record):
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    if start == 0 and tasks:
+        write(dict(step=0, eval=run_eval(0)))
+    def run_validation(step):
+        val, per_source = validate(model, batches, collate, amp, args, world)
+        if val is not None:
+            print0(f"val step {step} | loss {val:.4f} | " + " | ".join(f"{k} {v:.4f}" for k, v in per_source.items()))
+            write(dict(step=step, val_loss=val, val=per_source))
+    if start == 0:
+        run_validation(0)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    model.train()
+    t0, tokens_seen = time.time(), 0
+    for step in range(start, total):
+        t = time.time()
+        batch = batches(step)
+        lr = lr_at(step, args, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, args.chunk_size, amp, args.temperature)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats = torch.tensor([loss.item(), hard.item(), ib.item(), sum(map(len, batch["seqs"])), len(batch["seqs"])], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(stats)
+            stats[:3] /= world
+        done = step + 1
+        dt, tokens_seen = time.time() - t, tokens_seen + stats[3].item()
+        if done % args.log_every == 0 or done == total:
+            eta = (time.time() - t0) / (done - start) * (total - done)
+            print0(f"step {done}/{total} | {batch['source']} | loss {stats[0]:.4f} (hard {stats[1]:.4f} in-batch {stats[2]:.4f}) | lr {lr:.2e} | "
+                   f"grad norm {grad_norm.item():.3f} | {stats[4] / dt:.1f} seq/s {stats[3] / dt:,.0f} tok/s | "
+                   f"peak mem {peak_memory_gb(device):.2f} GB | eta {eta / 60:.1f} min")
+            write(dict(step=done, source=batch["source"], loss=stats[0].item(), hard=stats[1].item(), in_batch=stats[2].item(), lr=lr,
+                       grad_norm=grad_norm.item(), seq_per_s=stats[4].item() / dt, tok_per_s=stats[3].item() / dt))
+        if done == total or (args.val_every and done % args.val_every == 0):
+            run_validation(done)
+        if tasks and (done == total or (args.eval_every and done % args.eval_every == 0)):
+            write(dict(step=done, eval=run_eval(done)))
+        if done == total or done % args.save_every == 0 or done == args.stop_at:
+            save(ckpt, model, optimizer, tokenizer, done, args, rank)
+            print0(f"saved {ckpt} at step {done}")
+        if done == args.stop_at:
+            break
+    print0(f"done in {(time.time() - t0) / 60:.1f} min, {tokens_seen:,.0f} tokens")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
