@@ -212,7 +212,8 @@ def main(argv=None):
 
     def run_eval(step):
         # Every rank encodes (FSDP needs all of them); rank 0 writes and prints.
-        results = evaluation.evaluate(encoder, tokenizer, tasks, out=os.path.join(args.out, "eval", f"step{step}") if master else None, progress=False)
+        results = evaluation.evaluate(encoder, tokenizer, tasks, out=os.path.join(args.out, "eval", f"step{step}") if master else None,
+                                      max_len=args.max_len, progress=False)
         print0(f"eval step {step} | " + " | ".join(f"{r['task']} {r['main_score_name']} {r['main_score']:.4f}" for r in results))
         return {r["task"]: r["main_score"] for r in results}
 

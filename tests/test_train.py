@@ -1,0 +1,55 @@
+import os
+
+import pytest
+import torch
+from conftest import read_log, run_train, write_source
+from safetensors.torch import load_file
+
+import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_source(folder / "qa.jsonl", 400, 8, seed=1)
+    write_source(folder / "banking77.jsonl", 200, 8, seed=2)
+    return folder
+
+
+def common(data_dir, tmp_path):
+    return ["--data", data_dir, "--batch-size", 16, "--chunk-size", 48, "--max-len", 32, "--eval-tasks",
+            "--cache-dir", tmp_path / "cache", "--save-every", 1000]
+
+
+def test_short_run_lowers_validation_loss(data_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(*common(data_dir, tmp_path), "--out", out, "--lr", 2e-3, "--warmup", 5, "--val-every", 0)
+    val = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    assert len(val) == 2 and val[1] < 0.7 * val[0], val
+    from transformers import AutoModel
+    loaded = AutoModel.from_pretrained(out / "checkpoint")  # a plain Hugging Face folder
+    assert loaded.config.hidden_size == 128
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    args = common(data_dir, tmp_path) + ["--val-every", 0, "--batch-size", 64]
+    run_train(*args, "--out", tmp_path / "straight")
+    run_train(*args, "--out", tmp_path / "stopped", "--stop-at", 3)
+    assert [r["step"] for r in read_log(tmp_path / "stopped") if "loss" in r] == [1, 2, 3]
+    run_train(*args, "--out", tmp_path / "stopped", "--resume")
+    losses = lambda out: [(r["step"], r["loss"], r["lr"]) for r in read_log(out) if "loss" in r]
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")  # bit for bit
+    a = load_file(tmp_path / "straight" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "stopped" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(tmp_path / "stopped" / "checkpoint.tmp")
+
+
+def test_presets_and_schedule():
+    args = train.parse_args(["--size", "0.6b"])
+    assert (args.lr, args.batch_size, args.max_len, args.epochs, args.warmup) == (1e-5, 512, 1024, 2, 500)
+    assert (train.parse_args(["--size", "1.7b"]).lr, train.parse_args(["--size", "4b"]).lr) == (9e-6, 8e-6)
+    assert train.lr_at(0, args, 1000) == 1e-7 and train.lr_at(250, args, 1000) == 5e-6 and train.lr_at(500, args, 1000) == 1e-5
+    assert train.lr_at(999, args, 1000) == 1e-7  # the floor
+    with pytest.raises(SystemExit):
+        train.parse_args(["--task-type", "imdb=ranking"])
