@@ -24,7 +24,8 @@ def test_two_ranks_give_the_gradient_of_one_process(tiny, tmp_path, kind):
     model.zero_grad()
 
 
-def test_torchrun_training_matches_one_process(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_training_matches_one_process(tmp_path, sharding):
     data = tmp_path / "data"
     data.mkdir()
     write_source(data / "qa.jsonl", 110, 8, seed=1)
@@ -32,7 +33,7 @@ def test_torchrun_training_matches_one_process(tmp_path):
     common = ["--data", data, "--batch-size", 16, "--chunk-size", 24, "--max-len", 32, "--stop-at", 3, "--eval-tasks",
               "--val-every", 0, "--cache-dir", tmp_path / "cache"]
     run_train(*common, "--out", tmp_path / "one")
-    torchrun("train.py", *common, "--out", tmp_path / "two")
+    torchrun("train.py", *common, "--out", tmp_path / "two", *(["--fsdp"] if sharding == "fsdp" else []))
     one = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
     start = f2llm_model.load("tiny")[0].backbone.state_dict()

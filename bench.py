@@ -1,0 +1,220 @@
+"""Speed and memory figures; every row is a ratio against a baseline measured in the same run.
+
+    python bench.py          # CPU rows on the tiny Qwen3 and the built-in data (a few minutes on 2 cores)
+    python bench.py --gpu    # on one CUDA GPU: the real 0.6B architecture, bf16, seq 512, global batch 512
+
+Rows: gradient-cache overhead, memory flat in batch size, padding of length-grouped chunks, throughput
+against sentence-transformers' CachedMultipleNegativesRankingLoss, and retrieval scoring against pytrec_eval.
+"""
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import data
+import eval as evaluation
+import loss as f2llm_loss
+import model as f2llm_model
+
+MAX_LEN, QUERIES, CHUNK = 128, 32, 64  # the tiny preset's sequence length and batch; 64-sequence chunks
+
+
+def timed(fn, repeats=3):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def builtin_batches(tokenizer, queries=QUERIES, max_len=MAX_LEN):
+    folder = data.write_builtin_data(os.path.join(f2llm_model.CACHE, "stdlib-data"))
+    sources = [data.load_source(f, tokenizer, max_len, os.path.join(f2llm_model.CACHE, "tokenized"), data.task_type(data.source_name(f)),
+                                f2llm_model.tokenize, progress=False) for f in data.find_files(folder)]
+    return data.Batches(sources, queries)
+
+
+def retrieval_batch(batches):
+    return next(b for b in map(batches, range(batches.steps_per_epoch)) if b["in_batch"])
+
+
+def uncached_step(model, batch, collate, chunk_size):
+    """Baseline: the same length-grouped chunks, all kept in the autograd graph, one backward."""
+    chunks = f2llm_loss.chunk_by_length(batch["seqs"], chunk_size)
+    order = torch.tensor([i for idx in chunks for i in idx])
+    emb = torch.cat([model(*collate([batch["seqs"][i] for i in idx])) for idx in chunks])[order.argsort()]
+    loss = f2llm_loss.f2llm_loss(*f2llm_loss.split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"])[0]
+    loss.backward()
+
+
+def row_cache_overhead(model, tokenizer, batch):
+    collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id)
+    plain = timed(lambda: (uncached_step(model, batch, collate, CHUNK), model.zero_grad()))
+    cached = timed(lambda: (f2llm_loss.cached_step(model, batch, collate, CHUNK), model.zero_grad()))
+    return f"gradient cache: step {cached:.2f} s vs plain {plain:.2f} s ({len(batch['seqs'])} sequences)", cached / plain, "<= 1.4 (floor ~4/3)"
+
+
+def _peak_step_memory(queries):
+    """In a fresh process: resident memory added by one cached step of `queries` queries (MiB)."""
+    torch.set_num_threads(2)
+    model, tokenizer = f2llm_model.load("tiny")
+    batches = builtin_batches(tokenizer, queries)
+    collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id)
+    f2llm_loss.cached_step(model, retrieval_batch(builtin_batches(tokenizer, 2)), collate, CHUNK)  # allocate grads, warm up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    f2llm_loss.cached_step(model, retrieval_batch(batches), collate, CHUNK)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def row_memory():
+    with mp.get_context("spawn").Pool(1) as pool:
+        small, large = pool.map(_peak_step_memory, [32, 512], chunksize=1)
+    return (f"memory: peak added by a cached step, 512 x (1+1+7) sequences {large:.0f} MiB vs 32 queries {small:.0f} MiB",
+            max(large, 1) / max(small, 1), "<= 1.3")
+
+
+def padding_ratio(batches, grouped):
+    real = computed = 0
+    for step in range(batches.steps_per_epoch):
+        seqs = batches(step)["seqs"]
+        order = range(len(seqs))
+        chunks = f2llm_loss.chunk_by_length(seqs, CHUNK) if grouped else [list(order[i:i + CHUNK]) for i in range(0, len(seqs), CHUNK)]
+        for idx in chunks:
+            lengths = [len(seqs[i]) for i in idx]
+            real, computed = real + sum(lengths), computed + max(lengths) * len(lengths)
+    return real / computed
+
+
+def row_padding(batches):
+    ours, arrival = padding_ratio(batches, True), padding_ratio(batches, False)
+    return f"padding: real/computed tokens over an epoch, length-grouped chunks {ours:.3f} vs arrival order {arrival:.3f}", ours, ">= 0.9"
+
+
+def row_sentence_transformers(model, tokenizer, batches):
+    try:
+        from sentence_transformers import SentenceTransformer, models
+        from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+    except ImportError:
+        return "sentence-transformers: not installed (pip install sentence-transformers), row skipped", None, ">= 2"
+    steps = [b for b in map(batches, range(12)) if b["in_batch"]][:3]
+    texts = lambda b: [tokenizer.decode(s[:-1]) for s in b["seqs"]]
+    with tempfile.TemporaryDirectory() as folder:
+        model.backbone.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        body = models.Transformer(folder, max_seq_length=MAX_LEN)
+        st = SentenceTransformer(modules=[body, models.Pooling(model.backbone.config.hidden_size, "lasttoken"), models.Normalize()])
+    st_loss = CachedMultipleNegativesRankingLoss(st, scale=1 / f2llm_loss.TEMPERATURE, mini_batch_size=CHUNK)
+    features = []
+    for b in steps:  # columns: queries, positives, negative_1..7, tokenized outside the timed step as ours are
+        t, B = texts(b), b["n_queries"]
+        docs = [t[B:][j::1 + b["n_negatives"]] for j in range(1 + b["n_negatives"])]
+        features.append([st.tokenize(col) for col in [t[:B]] + docs])
+    st_opt = torch.optim.AdamW(st.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id)
+
+    def st_steps():
+        for f in features:
+            st_loss(f, None).backward()
+            st_opt.step()
+            st_opt.zero_grad()
+
+    def our_steps():
+        for b in steps:
+            f2llm_loss.cached_step(model, b, collate, CHUNK)
+            opt.step()
+            opt.zero_grad()
+    theirs, ours = timed(st_steps, 2), timed(our_steps, 2)
+    n = sum(b["n_queries"] for b in steps)
+    return (f"vs sentence-transformers CachedMNRL: {n / ours:.1f} vs {n / theirs:.1f} query groups/s "
+            f"(mini-batch {CHUNK}, {len(steps[0]['seqs'])} sequences/step)", theirs / ours, ">= 2")
+
+
+def row_eval():
+    torch.manual_seed(0)
+    n_docs, n_queries, dim = 100_000, 1_000, 256
+    docs = torch.nn.functional.normalize(torch.randn(n_docs, dim), dim=1)
+    queries = torch.nn.functional.normalize(docs[torch.randint(0, n_docs, (n_queries,))] + 0.7 * torch.randn(n_queries, dim) / dim**0.5, dim=1)
+    doc_ids, query_ids = [f"d{i}" for i in range(n_docs)], [f"q{i}" for i in range(n_queries)]
+    t = time.perf_counter()
+    run = evaluation.run_from_search(*evaluation.search(queries, docs), query_ids, doc_ids)
+    search_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    qrels = {q: {d: int(rng.integers(1, 3)) for d in rng.choice(list(run[q])[:50], 3, replace=False)} for q in query_ids}
+    import pytrec_eval
+    ks = ",".join(map(str, evaluation.KS))
+    t = time.perf_counter()
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{ks}", f"map_cut.{ks}", f"recall.{ks}", f"P.{ks}"}).evaluate(run)
+    theirs = time.perf_counter() - t
+    t = time.perf_counter()
+    ours_scores = evaluation.retrieval_metrics(qrels, run)
+    ours = time.perf_counter() - t
+    same = all(abs(ours_scores[f"ndcg_at_{k}"] - round(np.mean([r[f"ndcg_cut_{k}"] for r in ref.values()]), 5)) < 1e-9 for k in evaluation.KS)
+    return (f"evaluation, 100k docs x 1k queries: search {search_s:.1f} s; scoring ours {ours:.2f} s vs pytrec_eval {theirs:.2f} s, "
+            f"identical nDCG: {same}", theirs / ours, "report")
+
+
+def gpu():
+    """Real 0.6B architecture, random weights, bf16 autocast, seq 512, cached step at global batch 512."""
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak_tflops = 989.0  # H100/H200 SXM bf16 dense
+    for attn in ["sdpa", "flash_attention_2"]:
+        model, tokenizer = f2llm_model.load("0.6b", random_init=True, device=device)
+        if attn != model.backbone.config._attn_implementation:
+            if attn == "flash_attention_2":
+                print("flash-attention 2: not installed, row skipped")
+                continue
+            model.backbone.config._attn_implementation = attn
+        g = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(0, 150_000, (511,), generator=g).tolist() + [tokenizer.eos_token_id] for _ in range(512 * 9)]
+        batch = dict(seqs=seqs, n_queries=512, n_negatives=7, in_batch=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
+        collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=device)
+        amp = lambda: f2llm_model.autocast(device)
+        for chunk in (64, 128):
+            def step():
+                f2llm_loss.cached_step(model, batch, collate, chunk, amp)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            seconds = timed(step, 2)
+            tokens = 512 * 9 * 512
+            cfg = model.backbone.config
+            n = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size  # matmul parameters
+            attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 512 / 2  # causal: half of 2*L*d*T per fwd x3
+            flops = (6 * n + attention) * tokens  # model FLOPs: the cache's extra forward is not counted as useful work
+            print(f"{torch.cuda.get_device_name()} | {attn} | chunk {chunk} | step {seconds:.2f} s | {tokens / seconds:,.0f} tok/s | "
+                  f"MFU {flops / seconds / (peak_tflops * 1e12):.1%} | hardware FLOPs {flops * 4 / 3 / seconds / 1e12:.0f} TFLOP/s | "
+                  f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="the GPU figures (needs CUDA)")
+    args = p.parse_args()
+    if args.gpu:
+        return gpu()
+    model, tokenizer = f2llm_model.load("tiny")
+    batches = builtin_batches(tokenizer)
+    rows = [row_cache_overhead(model, tokenizer, retrieval_batch(batches)), row_memory(), row_padding(batches),
+            row_sentence_transformers(model, tokenizer, batches), row_eval()]
+    print(f"\n{'ratio':>7}  {'target':<18} figure")
+    for text, ratio, target in rows:
+        print(f"{'-' if ratio is None else f'{ratio:.2f}':>7}  {target:<18} {text}")
+
+
+if __name__ == "__main__":
+    main()
