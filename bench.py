@@ -132,7 +132,7 @@ def row_sentence_transformers(model, tokenizer, batches):
     for b in steps:  # columns: queries, positives, negative_1..7, tokenized outside the timed step as ours are
         t, B = texts(b), b["n_queries"]
         docs = [t[B:][j::1 + b["n_negatives"]] for j in range(1 + b["n_negatives"])]
-        features.append([st.tokenize(col) for col in [t[:B]] + docs])
+        features.append([st.preprocess(col) for col in [t[:B]] + docs])
     st_opt = torch.optim.AdamW(st.parameters(), lr=1e-5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id)

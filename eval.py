@@ -55,13 +55,15 @@ def search(queries, corpus, top_k=1000, chunk=50_000):
 
 
 def rank(run_q):
-    """trec_eval's order: score (as float32) descending, ties broken by doc id descending."""
-    return sorted(run_q.items(), key=lambda x: (np.float32(x[1]), x[0]), reverse=True)
+    """Doc ids in trec_eval's order: score (as float32) descending, ties broken by doc id descending."""
+    ids = np.array(list(run_q.keys()), dtype=str)
+    scores = np.array(list(run_q.values()), dtype=np.float32)
+    return ids[np.lexsort((ids, scores))[::-1]].tolist()
 
 
 def query_metrics(qrels_q, run_q, ks=KS):
     """nDCG (linear gain, ideal from all judged docs), MAP (/R), recall (/R), P (/k), hit rate, MRR@10."""
-    grades = np.array([qrels_q.get(d, 0) for d, _ in rank(run_q)], dtype=np.float64)
+    grades = np.array([qrels_q.get(d, 0) for d in rank(run_q)], dtype=np.float64)
     relevant = grades >= 1
     R = sum(g >= 1 for g in qrels_q.values())
     hits = np.cumsum(relevant)
