@@ -323,11 +323,14 @@ def main(argv=None):
     p.add_argument("--model", default=os.path.join("out", "checkpoint"), help="checkpoint folder, size preset or hub id")
     p.add_argument("--tasks", nargs="*", help="task folders (default: the built-in ones)")
     p.add_argument("--out", default=os.path.join("out", "eval"), help="one JSON result file per task")
-    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--max-len", type=int, help="tokens per text (default: the checkpoint's training length, else 512)")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
     if not os.path.exists(args.model) and args.model.startswith(("out", ".", "/")):
         raise SystemExit(f"{args.model}: no checkpoint here; run `python train.py` first or pass --model")
+    state = os.path.join(args.model, "state.pt")
+    if args.max_len is None:
+        args.max_len = torch.load(state, weights_only=False)["args"]["max_len"] if os.path.exists(state) else 512
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = f2llm_model.load(args.model, device=device)
     tasks = args.tasks or builtin_tasks(os.path.join(f2llm_model.CACHE, "stdlib-tasks"))

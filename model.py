@@ -10,6 +10,7 @@ hidden state (after the last norm) at that EOS is the embedding. Similarity is c
 """
 import importlib.util
 import os
+import shutil
 from contextlib import nullcontext
 
 import torch
@@ -62,7 +63,7 @@ def offline_tokenizer():
         try:
             os.rename(tmp, path)  # atomic: concurrent ranks may race, one wins
         except OSError:
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -83,7 +84,7 @@ class Encoder(nn.Module):
     def forward(self, input_ids, attention_mask):
         # Positions count real tokens only, so left and right padding give the same rotary angles.
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
         # The last real token is the appended EOS; find it from the mask, never from ids (eos may equal pad).
         last = attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

@@ -28,12 +28,12 @@ import loss as f2llm_loss
 import model as f2llm_model
 
 # ---- configuration: paper Table 1 and the released config (SPEC section 5) ---------------------------------
-PRESETS = {  # lr, global batch (queries), max length, epochs, warmup steps
-    "0.6b": dict(lr=1e-5, batch_size=512, max_len=1024, epochs=2, warmup=500),
-    "1.7b": dict(lr=9e-6, batch_size=512, max_len=1024, epochs=2, warmup=500),
-    "4b": dict(lr=8e-6, batch_size=512, max_len=1024, epochs=2, warmup=500),
+PRESETS = {  # lr, global batch (queries), max length, epochs, warmup steps; validation interval (1% held out is big)
+    "0.6b": dict(lr=1e-5, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000),
+    "1.7b": dict(lr=9e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000),
+    "4b": dict(lr=8e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000),
     # random init learns from scratch: a large rate, short sequences, a few minutes on 2 CPU cores
-    "tiny": dict(lr=1e-3, batch_size=32, max_len=128, epochs=1, warmup=10),
+    "tiny": dict(lr=1e-3, batch_size=32, max_len=128, epochs=1, warmup=10, val_every=50),
 }
 
 
@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out", help="checkpoints, log.jsonl and evaluation results")
     p.add_argument("--cache-dir", default=os.path.join(f2llm_model.CACHE, "tokenized"), help="tokenized data cache")
     p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--val-every", type=int, default=50, help="held-out loss every N steps (0: only at the end)")
+    p.add_argument("--val-every", type=int, help="held-out loss every N steps (preset; 0: only at the start and end)")
     p.add_argument("--eval-every", type=int, default=0, help="built-in evaluation tasks every N steps (0: before and after)")
     p.add_argument("--eval-tasks", nargs="*", help="task folders evaluated during training (default: built-in)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
