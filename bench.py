@@ -196,7 +196,7 @@ def gpu():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
         collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=device)
         amp = lambda: f2llm_model.autocast(device)
-        for chunk in (64, 128):
+        for chunk in (32, 64):  # 16k and 32k tokens of activations per chunk
             def step():
                 f2llm_loss.cached_step(model, batch, collate, chunk, amp)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -204,11 +204,18 @@ def gpu():
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            seconds = timed(step, 2)
+            try:
+                seconds = timed(step, 2)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{attn} | chunk {chunk} | out of memory")
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                continue
             tokens = 512 * 9 * 512
             cfg = model.backbone.config
             n = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size  # matmul parameters
-            attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 512 / 2  # causal: half of 2*L*d*T per fwd x3
+            # QK^T and AV: 4 * heads * head_dim * (T / 2 causal) per token and layer forward, x3 with the backward
+            attention = 3 * 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 512 / 2
             flops = (6 * n + attention) * tokens  # model FLOPs: the cache's extra forward is not counted as useful work
             print(f"{torch.cuda.get_device_name()} | {attn} | chunk {chunk} | step {seconds:.2f} s | {tokens / seconds:,.0f} tok/s | "
                   f"MFU {flops / seconds / (peak_tflops * 1e12):.1%} | hardware FLOPs {flops * 4 / 3 / seconds / 1e12:.0f} TFLOP/s | "
