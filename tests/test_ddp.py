@@ -24,16 +24,22 @@ def test_two_ranks_give_the_gradient_of_one_process(tiny, tmp_path, kind):
     model.zero_grad()
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_torchrun_training_matches_one_process(tmp_path, sharding):
+@pytest.fixture
+def common(tmp_path):
+    """A 9-step run: a retrieval source and a clustering source (no in-batch term), no evaluation tasks."""
     data = tmp_path / "data"
     data.mkdir()
     write_source(data / "qa.jsonl", 110, 8, seed=1)
-    write_source(data / "banking77.jsonl", 60, 8, seed=2)  # a clustering source: no in-batch term
-    common = ["--data", data, "--batch-size", 16, "--chunk-size", 24, "--max-len", 32, "--stop-at", 3, "--eval-tasks",
-              "--val-every", 0, "--cache-dir", tmp_path / "cache"]
-    run_train(*common, "--out", tmp_path / "one")
-    torchrun("train.py", *common, "--out", tmp_path / "two", *(["--fsdp"] if sharding == "fsdp" else []))
+    write_source(data / "banking77.jsonl", 60, 8, seed=2)
+    return ["--data", data, "--batch-size", 16, "--chunk-size", 24, "--max-len", 32, "--eval-tasks", "--val-every", 0,
+            "--cache-dir", tmp_path / "cache"]
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_training_matches_one_process(tmp_path, common, sharding):
+    args = common + ["--stop-at", 3]
+    run_train(*args, "--out", tmp_path / "one")
+    torchrun("train.py", *args, "--out", tmp_path / "two", *(["--fsdp"] if sharding == "fsdp" else []))
     one = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
     start = f2llm_model.load("tiny")[0].backbone.state_dict()
@@ -45,3 +51,12 @@ def test_torchrun_training_matches_one_process(tmp_path, sharding):
     losses = lambda out: [r["loss"] for r in read_log(out) if "loss" in r]
     assert len(losses(tmp_path / "one")) == 3
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
+
+
+def test_torchrun_resume_continues_exactly(tmp_path, common):
+    torchrun("train.py", *common, "--out", tmp_path / "straight")
+    torchrun("train.py", *common, "--out", tmp_path / "stopped", "--stop-at", 4)
+    torchrun("train.py", *common, "--out", tmp_path / "stopped", "--resume")
+    losses = lambda out: [(r["step"], r["loss"]) for r in read_log(out) if "loss" in r]
+    assert len(losses(tmp_path / "straight")) == 9
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
