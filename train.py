@@ -37,6 +37,11 @@ PRESETS = {  # lr, global batch (queries), max length, epochs, warmup steps; val
 }
 
 
+# what must match the checkpoint for --resume to continue the same run
+RESUME_KEYS = ("size", "model", "data", "task_type", "max_len", "lr", "min_lr", "warmup", "epochs", "batch_size",
+               "weight_decay", "clip", "temperature", "seed")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
@@ -161,8 +166,14 @@ def main(argv=None):
     amp = lambda: f2llm_model.autocast(device)
     os.makedirs(args.out, exist_ok=True)
     ckpt = os.path.join(args.out, "checkpoint")
-    if args.resume and not os.path.exists(os.path.join(ckpt, "state.pt")):
-        raise SystemExit(f"--resume: no checkpoint in {ckpt}")
+    state = None
+    if args.resume:
+        if not os.path.exists(os.path.join(ckpt, "state.pt")):
+            raise SystemExit(f"--resume: no checkpoint in {ckpt}")
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+        changed = {k: (state["args"].get(k), getattr(args, k)) for k in RESUME_KEYS if state["args"].get(k) != getattr(args, k)}
+        if changed:
+            raise SystemExit(f"--resume: settings differ from the checkpoint's (saved, given): {changed}")
 
     # ---- model: the checkpoint when resuming, else the size's Qwen3 (or --model) ------------------------------
     name = ckpt if args.resume else (args.model or args.size)
@@ -200,8 +211,7 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     start = 0
-    if args.resume:
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    if state:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and device.type == "cuda":

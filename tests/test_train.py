@@ -43,6 +43,8 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     b = load_file(tmp_path / "stopped" / "checkpoint" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not os.path.exists(tmp_path / "stopped" / "checkpoint.tmp")
+    with pytest.raises(AssertionError, match="settings differ from the checkpoint's.*'lr': \\(0.001, 0.002\\)"):
+        run_train(*args, "--out", tmp_path / "stopped", "--resume", "--lr", 2e-3)
 
 
 def test_presets_and_schedule():
