@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import time
 
 import torch
@@ -243,6 +244,10 @@ def main(argv=None):
         run_validation(0)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
+    # SIGTERM (preemption, scancel, a torchrun shutdown) finishes the current step, checkpoints and exits.
+    # The flag travels in the step's all-reduce, so every rank stops after the same step.
+    stop = [0.0]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, 1.0))
     model.train()
     t0, tokens_seen = time.time(), 0
     for step in range(start, total):
@@ -255,7 +260,7 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = torch.tensor([loss.item(), hard.item(), ib.item(), sum(map(len, batch["seqs"])), len(batch["seqs"])], dtype=torch.float64)
+        stats = torch.tensor([loss.item(), hard.item(), ib.item(), sum(map(len, batch["seqs"])), len(batch["seqs"]), stop[0]], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
             stats[:3] /= world
@@ -272,10 +277,12 @@ def main(argv=None):
             run_validation(done)
         if tasks and (done == total or (args.eval_every and done % args.eval_every == 0)):
             write(dict(step=done, eval=run_eval(done)))
-        if done == total or done % args.save_every == 0 or done == args.stop_at:
+        stopping = done == args.stop_at or stats[5] > 0
+        if done == total or done % args.save_every == 0 or stopping:
             save(ckpt, model, optimizer, tokenizer, done, args, rank)
             print0(f"saved {ckpt} at step {done}")
-        if done == args.stop_at:
+        if stopping:
+            print0(f"stopped after step {done}; --resume continues")
             break
     print0(f"done in {(time.time() - t0) / 60:.1f} min, {tokens_seen:,.0f} tokens")
     if world > 1:
