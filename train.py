@@ -29,12 +29,14 @@ import loss as f2llm_loss
 import model as f2llm_model
 
 # ---- configuration: paper Table 1 and the released config (SPEC section 5) ---------------------------------
-PRESETS = {  # lr, global batch (queries), max length, epochs, warmup steps; validation interval (1% held out is big)
-    "0.6b": dict(lr=1e-5, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000),
-    "1.7b": dict(lr=9e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000),
-    "4b": dict(lr=8e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000),
+PRESETS = {  # lr, global batch (queries), max length, epochs, warmup steps; validation interval (1% held out is big);
+    # chunk size: sequences per gradient-cache chunk, estimated for 80 GB at 1024 tokens from about 60/100/150 KB of
+    # bf16 activations per token and layer (an estimate, not yet measured on a GPU: lower it if a chunk runs out)
+    "0.6b": dict(lr=1e-5, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000, chunk_size=32),
+    "1.7b": dict(lr=9e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000, chunk_size=16),
+    "4b": dict(lr=8e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000, chunk_size=8),
     # random init learns from scratch: a large rate, short sequences, a few minutes on 2 CPU cores
-    "tiny": dict(lr=1e-3, batch_size=32, max_len=128, epochs=1, warmup=10, val_every=50),
+    "tiny": dict(lr=1e-3, batch_size=32, max_len=128, epochs=1, warmup=10, val_every=50, chunk_size=64),
 }
 
 
@@ -60,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="linear warmup steps (preset)")
     p.add_argument("--epochs", type=int, help="passes over every source (preset)")
     p.add_argument("--batch-size", type=int, help="global batch in queries, over all ranks (preset)")
-    p.add_argument("--chunk-size", type=int, default=64, help="sequences per gradient-cache chunk: sets memory, not the result")
+    p.add_argument("--chunk-size", type=int, help="sequences per gradient-cache chunk (preset): sets memory, not the result")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--temperature", type=float, default=f2llm_loss.TEMPERATURE)
