@@ -37,8 +37,7 @@ def timed(fn, repeats=3):
 
 def builtin_batches(tokenizer, queries=QUERIES, max_len=MAX_LEN):
     folder = data.write_builtin_data(os.path.join(f2llm_model.CACHE, "stdlib-data"))
-    sources = [data.load_source(f, tokenizer, max_len, os.path.join(f2llm_model.CACHE, "tokenized"), data.task_type(data.source_name(f)),
-                                f2llm_model.tokenize, progress=False) for f in data.find_files(folder)]
+    sources = data.load_sources(folder, tokenizer, max_len, os.path.join(f2llm_model.CACHE, "tokenized"), f2llm_model.tokenize, progress=False)
     return data.Batches(sources, queries)
 
 

@@ -172,6 +172,12 @@ def load_source(path, tokenizer, max_len, cache_dir, kind, tokenize, progress=Tr
                   rows["offsets"], rows["query"], rows["passage"], rows["negatives"])
 
 
+def load_sources(data, tokenizer, max_len, cache_dir, tokenize, overrides=None, progress=True):
+    """Every source of a folder (or hub id), typed by name, checked and tokenized (cached)."""
+    return [load_source(f, tokenizer, max_len, cache_dir, task_type(source_name(f), overrides), tokenize, progress)
+            for f in find_files(data)]
+
+
 class Batches:
     """Step -> this rank's batch. Stateless given the step, so resuming needs only the step number."""
 

@@ -328,9 +328,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.exists(args.model) and args.model.startswith(("out", ".", "/")):
         raise SystemExit(f"{args.model}: no checkpoint here; run `python train.py` first or pass --model")
-    state = os.path.join(args.model, "state.pt")
+    train_args = os.path.join(args.model, "train_args.json")
     if args.max_len is None:
-        args.max_len = torch.load(state, weights_only=False)["args"]["max_len"] if os.path.exists(state) else 512
+        args.max_len = json.load(open(train_args))["max_len"] if os.path.exists(train_args) else 512
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = f2llm_model.load(args.model, device=device)
     tasks = args.tasks or builtin_tasks(os.path.join(f2llm_model.CACHE, "stdlib-tasks"))

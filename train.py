@@ -117,7 +117,9 @@ def save(path, model, optimizer, tokenizer, step, args, rank):
         backbone = weights_owner(model).backbone
         backbone.save_pretrained(tmp, state_dict={k.removeprefix("backbone."): v for k, v in weights.items()})
         tokenizer.save_pretrained(tmp)
-        torch.save(dict(optimizer=optim, step=step, args=vars(args), rng=torch.get_rng_state(),
+        with open(os.path.join(tmp, "train_args.json"), "w") as f:  # read by --resume and by eval.py (max_len)
+            json.dump(vars(args), f, indent=1)
+        torch.save(dict(optimizer=optim, step=step, rng=torch.get_rng_state(),
                         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), os.path.join(tmp, "state.pt"))
         if os.path.exists(path):
             os.replace(path, old)
@@ -174,7 +176,8 @@ def main(argv=None):
         if not os.path.exists(os.path.join(ckpt, "state.pt")):
             raise SystemExit(f"--resume: no checkpoint in {ckpt}")
         state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
-        changed = {k: (state["args"].get(k), getattr(args, k)) for k in RESUME_KEYS if state["args"].get(k) != getattr(args, k)}
+        saved = json.load(open(os.path.join(ckpt, "train_args.json")))
+        changed = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
         if changed:
             raise SystemExit(f"--resume: settings differ from the checkpoint's (saved, given): {changed}")
 
@@ -194,8 +197,7 @@ def main(argv=None):
                 data.write_builtin_data(folder)
             if tasks is None:
                 tasks = evaluation.builtin_tasks(os.path.join(f2llm_model.CACHE, "stdlib-tasks"))
-            sources = [data.load_source(f, tokenizer, args.max_len, args.cache_dir, data.task_type(data.source_name(f), args.task_type),
-                                        f2llm_model.tokenize, progress=master) for f in data.find_files(folder)]
+            sources = data.load_sources(folder, tokenizer, args.max_len, args.cache_dir, f2llm_model.tokenize, args.task_type, master)
         if world > 1:
             dist.barrier()
     batches = data.Batches(sources, args.batch_size, world, rank, args.seed)
