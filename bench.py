@@ -1,7 +1,7 @@
 """Speed and memory figures; every row is a ratio against a baseline measured in the same run.
 
     python bench.py          # CPU rows on the tiny Qwen3 and the built-in data (a few minutes on 2 cores)
-    python bench.py --gpu    # on one CUDA GPU: the real 0.6B architecture, bf16, seq 512, global batch 512
+    python bench.py --gpu    # on one CUDA GPU: the real 0.6B architecture, bf16, global batch 512, seq 512 and 1024
 
 Rows: gradient-cache overhead, memory flat in batch size, padding of length-grouped chunks, throughput
 against sentence-transformers' CachedMultipleNegativesRankingLoss, and retrieval scoring against pytrec_eval.
@@ -177,58 +177,62 @@ def row_eval():
             f"identical nDCG: {same}", theirs / ours, "report")
 
 
-def gpu():
-    """Real 0.6B architecture, random weights, bf16 autocast, seq 512, cached step at global batch 512."""
-    device = torch.device("cuda")
+def gpu(size="0.6b", queries=512, device="cuda", rows=((512, 32), (512, 64), (1024, 32))):
+    """Random weights of a real architecture, bf16 autocast, AdamW step at a global batch of `queries`
+    (each with 7 hard negatives and in-batch negatives), every sequence `length` tokens, chunk sequences
+    per gradient-cache chunk. 1024 tokens with 32-sequence chunks is the 0.6b preset."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
-    peak_tflops = 989.0  # H100/H200 SXM bf16 dense
-    for attn in ["sdpa", "flash_attention_2"]:
-        model, tokenizer = f2llm_model.load("0.6b", random_init=True, device=device)
-        if attn != model.backbone.config._attn_implementation:
-            if attn == "flash_attention_2":
-                print("flash-attention 2: not installed, row skipped")
-                continue
-            model.backbone.config._attn_implementation = attn
-        g = torch.Generator().manual_seed(0)
-        seqs = [torch.randint(0, 150_000, (511,), generator=g).tolist() + [tokenizer.eos_token_id] for _ in range(512 * 9)]
-        batch = dict(seqs=seqs, n_queries=512, n_negatives=7, in_batch=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
-        collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=device)
-        amp = lambda: f2llm_model.autocast(device)
-        for chunk in (32, 64):  # 16k and 32k tokens of activations per chunk
-            def step():
-                f2llm_loss.cached_step(model, batch, collate, chunk, amp)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+    peak_tflops = 989.0  # H100/H200 SXM, bf16 dense
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    model, tokenizer = f2llm_model.load(size, random_init=True, device=device)
+    cfg = model.backbone.config
+    n = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size  # matmul parameters
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
+    collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=device)
+    amp = lambda: f2llm_model.autocast(device)
+    g = torch.Generator().manual_seed(0)
+    for length, chunk in rows:
+        seqs = [torch.randint(0, 150_000, (length - 1,), generator=g).tolist() + [tokenizer.eos_token_id]
+                for _ in range(queries * 9)]
+        batch = dict(seqs=seqs, n_queries=queries, n_negatives=7, in_batch=True)
+
+        def step():
+            f2llm_loss.cached_step(model, batch, collate, chunk, amp)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
                 torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            try:
-                seconds = timed(step, 2)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{attn} | chunk {chunk} | out of memory")
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                continue
-            tokens = 512 * 9 * 512
-            cfg = model.backbone.config
-            n = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size  # matmul parameters
-            # QK^T and AV: 4 * heads * head_dim * (T / 2 causal) per token and layer forward, x3 with the backward
-            attention = 3 * 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 512 / 2
-            flops = (6 * n + attention) * tokens  # model FLOPs: the cache's extra forward is not counted as useful work
-            print(f"{torch.cuda.get_device_name()} | {attn} | chunk {chunk} | step {seconds:.2f} s | {tokens / seconds:,.0f} tok/s | "
-                  f"MFU {flops / seconds / (peak_tflops * 1e12):.1%} | hardware FLOPs {flops * 4 / 3 / seconds / 1e12:.0f} TFLOP/s | "
-                  f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-        del model, opt
-        torch.cuda.empty_cache()
+        try:
+            seconds = timed(step, 2 if length <= 512 else 1)
+        except torch.cuda.OutOfMemoryError:
+            print(f"{name} | seq {length} | chunk {chunk} | out of memory", flush=True)
+            opt.zero_grad(set_to_none=True)
+            continue
+        tokens = len(seqs) * length
+        # QK^T and AV: 4 * heads * head_dim * (length / 2, causal) FLOPs per token and layer forward, x3 with backward
+        attention = 3 * 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * length / 2
+        flops = (6 * n + attention) * tokens  # model FLOPs: the cache's extra forward is not counted as useful work
+        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        print(f"{name} | {size} {cfg._attn_implementation} | {queries} queries x 9 seqs of {length} tokens | chunk {chunk} | "
+              f"step {seconds:.2f} s | {tokens / seconds:,.0f} tok/s | MFU {flops / seconds / (peak_tflops * 1e12):.1%} | "
+              f"hardware {flops * 4 / 3 / seconds / 1e12:.0f} TFLOP/s | peak memory {memory:.1f} GiB", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the GPU figures (needs CUDA)")
+    p.add_argument("--size", default="0.6b", help="--gpu: architecture (random weights)")
+    p.add_argument("--queries", type=int, default=512, help="--gpu: global batch")
+    p.add_argument("--device", default="cuda", help="--gpu: cpu runs the same code as a dry run")
     args = p.parse_args()
     if args.gpu:
-        return gpu()
+        return gpu(args.size, args.queries, args.device)
     model, tokenizer = f2llm_model.load("tiny")
     batches = builtin_batches(tokenizer)
     rows = [row_cache_overhead(model, tokenizer, retrieval_batch(batches)), row_memory(), row_padding(batches),
