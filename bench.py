@@ -22,7 +22,7 @@ import eval as evaluation
 import loss as f2llm_loss
 import model as f2llm_model
 
-MAX_LEN, QUERIES, CHUNK = 128, 32, 64  # the tiny preset's sequence length and batch; 64-sequence chunks
+MAX_LEN, QUERIES, CHUNK = 128, 32, 64  # the tiny model at 128 tokens, the preset's batch and chunk
 
 
 def timed(fn, repeats=3):
@@ -36,7 +36,7 @@ def timed(fn, repeats=3):
 
 
 def builtin_batches(tokenizer, queries=QUERIES, max_len=MAX_LEN):
-    folder = data.write_builtin_data(os.path.join(f2llm_model.CACHE, "stdlib-data"))
+    folder = data.write_builtin_data(os.path.join(f2llm_model.CACHE, "stdlib-train"))
     sources = data.load_sources(folder, tokenizer, max_len, os.path.join(f2llm_model.CACHE, "tokenized"), f2llm_model.tokenize, progress=False)
     return data.Batches(sources, queries)
 

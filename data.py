@@ -2,7 +2,7 @@
 
 Format of the released data (`codefuse-ai/F2LLM`): one parquet file per source with columns `query`,
 `passage`, `negative_1` .. `negative_n` (jsonl with the same keys works too). The file name is the source
-name and decides its task type (SPEC section 4):
+name and decides its task type:
     retrieval       hard negatives + in-batch negatives, 7 of the stored negatives sampled per query
     clustering      hard negatives only (in-batch texts often share the label), 7 sampled
     classification  hard negatives only, 1 (the other label name)
@@ -30,7 +30,7 @@ CLUSTERING = {"amazon_reviews", "banking77", "emotion", "mtop_intent", "mtop_dom
               *(f"{site}_clustering_{kind}" for site in ("arxiv", "biorxiv", "medrxiv", "reddit", "stackexchange")
                 for kind in ("p2p", "s2s")),
               "stdlib_code_clustering"}  # our built-in source below
-NEGATIVES = {"retrieval": 7, "clustering": 7, "classification": 1}  # sampled per query per step (SPEC 4)
+NEGATIVES = {"retrieval": 7, "clustering": 7, "classification": 1}  # sampled per query per step
 TASK_TYPES = tuple(NEGATIVES)
 HOLDOUT = 0.01  # 1% of each source is held out for validation loss, split with seed 0
 
@@ -215,27 +215,31 @@ class Batches:
         return self._batch(s, rows, np.random.default_rng([self.seed, step, 1]))
 
     def validation(self):
-        """Fixed held-out batches, each split across ranks like training; every rank gets the same count."""
+        """Fixed held-out batches of up to the global batch size, the same on any number of ranks: where the
+        world does not divide a batch, it is padded with repeats of its last row, and `n_real` counts the rows."""
         out = []
         for s, rows in enumerate(self.val):
-            size = min(self.G, len(rows) // self.world * self.world)
+            size = min(self.G, len(rows))
             for k in range(len(rows) // size if size else 0):
                 out.append(self._batch(s, rows[k * size:(k + 1) * size], np.random.default_rng([self.seed, k, 2])))
         return out
 
     def _batch(self, s, rows, rng):
-        src, B = self.sources[s], len(rows) // self.world
-        n = NEGATIVES[src.kind]
+        src, n_real, n = self.sources[s], len(rows), NEGATIVES[self.sources[s].kind]
         # Sample n of each row's stored negatives for the whole global batch, then keep this rank's shard:
         # the global batch is the same on any number of ranks.
         negs = src.negatives[rows]
         keys = np.where(negs >= 0, rng.random(negs.shape), np.inf)
         picked = np.take_along_axis(negs, np.argsort(keys, 1)[:, :n], 1)
+        pad = -n_real % self.world  # validation only: training batches divide evenly
+        rows, picked = np.concatenate([rows, np.repeat(rows[-1:], pad)]), np.concatenate([picked, np.repeat(picked[-1:], pad, 0)])
+        B = len(rows) // self.world
         mine = slice(self.rank * B, (self.rank + 1) * B)
         seqs = [src.text(t) for t in src.query[rows[mine]]]
         for p, ns in zip(src.passage[rows[mine]], picked[mine]):
             seqs += [src.text(p)] + [src.text(t) for t in ns]
-        return dict(seqs=seqs, n_queries=B, n_negatives=n, in_batch=src.kind == "retrieval", source=src.name, rows=rows[mine])
+        return dict(seqs=seqs, n_queries=B, n_negatives=n, in_batch=src.kind == "retrieval", source=src.name, rows=rows[mine],
+                    n_real=n_real)
 
 
 # ---- Built-in data: the installed Python standard library, written in the F2LLM format ------------------
@@ -274,9 +278,10 @@ def stdlib_functions():
     return out
 
 
-def heldout(module):
-    """About one module in five is kept out of training, for evaluation (stable across Python versions)."""
-    return zlib.crc32(module.encode()) % 5 == 0
+def heldout(module, name=None):
+    """Kept out of training, for evaluation, by a hash that is stable across Python versions: about one module in
+    five (`heldout(module)`), and one function or class in five of the other modules (`heldout(module, name)`)."""
+    return zlib.crc32(module.encode() if name is None else f"{module}.{name}".encode()) % 5 == 0
 
 
 def write_jsonl(path, rows):
@@ -288,11 +293,11 @@ def write_jsonl(path, rows):
 
 
 def write_builtin_data(folder, n_negatives=24):
-    """Training sources from the non-held-out modules: docstring summary -> code, and code -> module."""
+    """Training sources from the code not held out: docstring summary -> code, and code -> module."""
     if all(os.path.exists(os.path.join(folder, f"{n}.jsonl")) for n in ("stdlib_code_retrieval", "stdlib_code_clustering")):
         return folder
     os.makedirs(folder, exist_ok=True)
-    funcs = [f for f in stdlib_functions() if not heldout(f["module"])]
+    funcs = [f for f in stdlib_functions() if not heldout(f["module"]) and not heldout(f["module"], f["name"])]
     by_module = {}
     for i, f in enumerate(funcs):
         by_module.setdefault(f["module"], []).append(i)

@@ -1,4 +1,4 @@
-"""MTEB's scoring rules on local tasks, so our numbers equal MTEB's on the same embeddings (SPEC section 7).
+"""MTEB's scoring rules on local tasks, so our numbers equal MTEB's on the same embeddings.
 
     python eval.py                                           # latest checkpoint of `python train.py`, built-in tasks
     python eval.py --model out/checkpoint --tasks DIR [DIR ...] --out results/
@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -297,21 +297,27 @@ def evaluate(model, tokenizer, task_dirs, out=None, max_len=512, batch_size=32, 
     return results
 
 
-# ---- built-in tasks: standard-library modules kept out of training ---------------------------------------
+# ---- built-in tasks: standard-library code kept out of training ------------------------------------------
 
 def builtin_tasks(folder):
-    """Code retrieval (docstring summary -> code) and clustering (code -> module) on the held-out modules."""
+    """Code retrieval (docstring summary -> code) on the modules held out of training, and clustering (code ->
+    module) of the functions held out of the other modules: unseen code, labels seen in training, as MTEB's
+    clustering sets share their categories with F2LLM's clustering data. Modules with fewer than 3 such
+    functions are left out of the clustering."""
     import data  # the same extraction that builds the training sources
     retrieval, clustering = os.path.join(folder, "StdlibCodeRetrieval"), os.path.join(folder, "StdlibCodeClustering")
     if not os.path.exists(os.path.join(clustering, "task.json")):
-        funcs = [f for f in data.stdlib_functions() if data.heldout(f["module"])]
+        funcs = data.stdlib_functions()
+        unseen = [f for f in funcs if data.heldout(f["module"])]
+        held = [f for f in funcs if not data.heldout(f["module"]) and data.heldout(f["module"], f["name"])]
+        count = Counter(f["module"] for f in held)
         os.makedirs(os.path.join(retrieval, "qrels"), exist_ok=True)
         os.makedirs(clustering, exist_ok=True)
-        data.write_jsonl(os.path.join(retrieval, "corpus.jsonl"), [dict(_id=f"{f['module']}.{f['name']}#{i}", title="", text=f["code"]) for i, f in enumerate(funcs)])
-        data.write_jsonl(os.path.join(retrieval, "queries.jsonl"), [dict(_id=f"q{i}", text=f["summary"]) for i, f in enumerate(funcs)])
+        data.write_jsonl(os.path.join(retrieval, "corpus.jsonl"), [dict(_id=f"{f['module']}.{f['name']}#{i}", title="", text=f["code"]) for i, f in enumerate(unseen)])
+        data.write_jsonl(os.path.join(retrieval, "queries.jsonl"), [dict(_id=f"q{i}", text=f["summary"]) for i, f in enumerate(unseen)])
         with open(os.path.join(retrieval, "qrels", "test.tsv"), "w") as f:
-            f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{g['module']}.{g['name']}#{i}\t1\n" for i, g in enumerate(funcs)))
-        data.write_jsonl(os.path.join(clustering, "test.jsonl"), [dict(text=f["code"], label=f["module"]) for f in funcs])
+            f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{g['module']}.{g['name']}#{i}\t1\n" for i, g in enumerate(unseen)))
+        data.write_jsonl(os.path.join(clustering, "test.jsonl"), [dict(text=f["code"], label=f["module"]) for f in held if count[f["module"]] >= 3])
         json.dump(dict(type="retrieval", instruction=data.RETRIEVAL_INSTRUCTION), open(os.path.join(retrieval, "task.json"), "w"))
         # Our task is small (a few hundred functions), so every document is embedded, not MTEB's default 4%.
         json.dump(dict(type="clustering", instruction=data.CLUSTERING_INSTRUCTION, fraction=1.0), open(os.path.join(clustering, "task.json"), "w"))
@@ -333,7 +339,7 @@ def main(argv=None):
         args.max_len = json.load(open(train_args))["max_len"] if os.path.exists(train_args) else 512
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = f2llm_model.load(args.model, device=device)
-    tasks = args.tasks or builtin_tasks(os.path.join(f2llm_model.CACHE, "stdlib-tasks"))
+    tasks = args.tasks or builtin_tasks(os.path.join(f2llm_model.CACHE, "stdlib-eval"))
     results = evaluate(model, tokenizer, tasks, out=args.out, max_len=args.max_len, batch_size=args.batch_size)
     width = max(len(r["task"]) for r in results)
     print(f"{'task':<{width}}  {'metric':<16} score")

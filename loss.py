@@ -1,6 +1,6 @@
 """The F2LLM contrastive loss and a gradient cache that makes it exact for any batch in one chunk's memory.
 
-Loss (F2LLM report, section 3; SPEC section 2), temperature tau = 0.05, s = cosine:
+Loss (F2LLM report, section 3), temperature tau = 0.05, s = cosine:
     hard     = CE over [d_i, d_i1..d_in] for each query q_i, label d_i         (every batch)
     in_batch = CE over the positives of the whole global batch, label d_i     (retrieval batches only)
     loss     = mean over queries of hard (+ in_batch)
@@ -11,7 +11,7 @@ positives are gathered with a differentiable all-gather: each rank keeps its own
 every positive flows back to the rank that made it, and DDP's gradient averaging completes the mean over the
 global batch. N ranks therefore give the gradient of one process holding the whole global batch.
 
-Gradient cache (Gao et al. 2021; SPEC section 3): 1) embed every chunk without autograd, 2) loss on the
+Gradient cache (Gao et al. 2021): 1) embed every chunk without autograd, 2) loss on the
 detached embeddings, backward to d loss / d embedding, 3) re-embed each chunk with autograd under the same
 RNG state and backward with the cached gradient. Exact, one extra forward; memory of one chunk.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-TEMPERATURE = 0.05  # SPEC section 2; never changed in the official code
+TEMPERATURE = 0.05  # never changed in the official code
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -49,15 +49,16 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
 
 
-def f2llm_loss(queries, positives, negatives, in_batch, temperature=TEMPERATURE):
-    """queries, positives: [B, H]; negatives: [B, n, H]; all L2-normalised. Returns (loss, hard, in_batch)."""
+def f2llm_loss(queries, positives, negatives, in_batch, temperature=TEMPERATURE, gather=True):
+    """queries, positives: [B, H]; negatives: [B, n, H]; all L2-normalised. Returns (loss, hard, in_batch).
+    The in-batch candidates are the positives of every rank; gather=False when the caller holds the whole batch."""
     candidates = torch.cat([positives[:, None], negatives], 1)  # [B, 1 + n, H]
     scores = torch.einsum("bh,bch->bc", queries, candidates) / temperature
     labels = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
     hard = F.cross_entropy(scores, labels)
     if not in_batch:
         return hard, hard.detach(), torch.zeros_like(hard)
-    all_positives, offset = gather_with_grad(positives)
+    all_positives, offset = gather_with_grad(positives) if gather else (positives, 0)
     scores = queries @ all_positives.T / temperature
     ib = F.cross_entropy(scores, offset + torch.arange(len(queries), device=queries.device))
     return hard + ib, hard.detach(), ib.detach()

@@ -19,8 +19,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
-# Public Qwen3 configs (SPEC section 1). The post-trained checkpoints, not -Base: their tokenizer has
-# eos <|im_end|> and pad <|endoftext|>. "tiny" is the same architecture, small enough for 2 CPU cores.
+# The public Qwen3 configs (each checkpoint's config.json). The post-trained checkpoints, not -Base: their
+# tokenizer has eos <|im_end|> and pad <|endoftext|>. "tiny" is the same architecture, small enough for 2 CPU cores.
 HUB_IDS = {"0.6b": "Qwen/Qwen3-0.6B", "1.7b": "Qwen/Qwen3-1.7B", "4b": "Qwen/Qwen3-4B"}
 ARCHITECTURES = {
     "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072),
@@ -42,7 +42,7 @@ CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cac
 
 
 def query_prompt(instruction):
-    """F2LLM's query prompt; documents get none (SPEC section 1)."""
+    """F2LLM's query prompt; documents get none."""
     return f"Instruct: {instruction}\nQuery: "
 
 

@@ -54,6 +54,20 @@ def test_one_source_per_step_on_all_ranks_and_disjoint_shards(sources):
     assert all(not seen[n] & held_out[n] for n in seen) and [len(v) for v in held_out.values()] == [2, 1, 1]
 
 
+def test_validation_batches_are_the_same_on_any_number_of_ranks(sources):
+    whole = data.Batches(sources, 16, 1, 0, seed=0).validation()
+    assert [b["n_real"] for b in whole] == [2, 1, 1]
+    for world in (2, 4):
+        shards = [data.Batches(sources, 16, world, r, seed=0).validation() for r in range(world)]
+        for k, b in enumerate(whole):
+            parts, group = [s[k] for s in shards], 1 + b["n_negatives"]
+            rows = np.concatenate([p["rows"] for p in parts])
+            assert len(rows) % world == 0 and parts[0]["n_real"] == b["n_real"] and rows[:b["n_real"]].tolist() == b["rows"].tolist()
+            queries = [q for p in parts for q in p["seqs"][:p["n_queries"]]]
+            docs = [d for p in parts for d in p["seqs"][p["n_queries"]:]]
+            assert queries[:b["n_real"]] == b["seqs"][:b["n_queries"]] and docs[:b["n_real"] * group] == b["seqs"][b["n_queries"]:]
+
+
 def test_negatives_sampled_per_task_type(sources):
     b = data.Batches(sources, 8, 1, 0, seed=0)
     by_source = {}

@@ -51,6 +51,10 @@ def test_torchrun_training_matches_one_process(tmp_path, common, sharding):
     losses = lambda out: [r["loss"] for r in read_log(out) if "loss" in r]
     assert len(losses(tmp_path / "one")) == 3
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
+    # Held-out loss: 1 row per source, padded to 2 on two ranks; the padding must not count.
+    vals = lambda out: [r["val"] for r in read_log(out) if "val" in r]
+    assert vals(tmp_path / "one") and all(len(v) == 2 for v in vals(tmp_path / "one"))
+    torch.testing.assert_close(vals(tmp_path / "two"), vals(tmp_path / "one"), atol=1e-5, rtol=1e-5)
 
 
 def test_torchrun_resume_continues_exactly(tmp_path, common):

@@ -179,3 +179,24 @@ def test_cli_end_to_end(tmp_path, tiny):
     queries = emb(["add two numbers", "read a file"], ev.f2llm_model.query_prompt("Find the matching function"))
     run = ev.run_from_search(*ev.search(queries, docs), ["q0", "q1"], ["d0", "d1", "d2"])
     assert result["scores"] == ev.retrieval_metrics({"q0": {"d0": 1}, "q1": {"d1": 2}}, run)
+
+
+def test_builtin_tasks_are_never_trained_on(tmp_path):
+    import data
+    lines = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]
+    train = data.write_builtin_data(str(tmp_path / "train"))
+    seen = set()
+    for name in ("stdlib_code_retrieval", "stdlib_code_clustering"):
+        for row in lines(f"{train}/{name}.jsonl"):
+            seen.update(v.split("\nQuery: ", 1)[-1] for v in row.values())
+    trained = [f for f in data.stdlib_functions() if not data.heldout(f["module"]) and not data.heldout(f["module"], f["name"])]
+    retrieval, clustering = ev.builtin_tasks(str(tmp_path / "eval"))
+    corpus = [d["text"] for d in lines(f"{retrieval}/corpus.jsonl")]
+    queries = [q["text"] for q in lines(f"{retrieval}/queries.jsonl")]
+    rows = lines(f"{clustering}/test.jsonl")
+    assert len(corpus) > 200 and len(rows) > 200 and len({r["label"] for r in rows}) >= 20
+    # A held-out text is in the training files only where a trained function has the very same text.
+    assert (set(corpus + queries) | {r["text"] for r in rows}) & seen <= {t for f in trained for t in (f["code"], f["summary"])}
+    # Retrieval: modules never seen in training; clustering: unseen code of modules seen in training.
+    assert not {d["_id"].split(".")[0] for d in lines(f"{retrieval}/corpus.jsonl")} & {f["module"] for f in trained}
+    assert {r["label"] for r in rows} <= {f["module"] for f in trained}
