@@ -31,7 +31,7 @@ def common(tmp_path):
     data.mkdir()
     write_source(data / "qa.jsonl", 110, 8, seed=1)
     write_source(data / "banking77.jsonl", 60, 8, seed=2)
-    return ["--data", data, "--batch-size", 16, "--chunk-size", 24, "--max-len", 32, "--eval-tasks", "--val-every", 0,
+    return ["--data", data, "--batch-size", 16, "--chunk-size", 24, "--max-len", 32, "--epochs", 1, "--eval-tasks", "--val-every", 0,
             "--cache-dir", tmp_path / "cache"]
 
 

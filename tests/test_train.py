@@ -22,7 +22,7 @@ def data_dir(tmp_path_factory):
 
 
 def common(data_dir, tmp_path):
-    return ["--data", data_dir, "--batch-size", 16, "--chunk-size", 48, "--max-len", 32, "--eval-tasks",
+    return ["--data", data_dir, "--batch-size", 16, "--chunk-size", 48, "--max-len", 32, "--epochs", 1, "--eval-tasks",
             "--cache-dir", tmp_path / "cache", "--save-every", 1000]
 
 
