@@ -16,12 +16,15 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.elastic.multiprocessing.errors import record
 
 import data
 import eval as evaluation
@@ -154,6 +157,38 @@ def validate(model, batches, collate, amp, args):
     return (sum(per_source.values()) / len(per_source) if per_source else None), per_source
 
 
+@contextmanager
+def process_group(world, device):
+    """The process group of a torchrun job, and the one way out of it: a torchrun worker ends here.
+
+    Why it ends with os._exit: gloo's worker threads release each finished collective a moment after the caller
+    has been woken. If the interpreter is already shutting down by then, the tensors' Python objects belong to
+    that release, which needs the GIL; a finalizing interpreter answers by ending the thread, and the process
+    aborts ("terminate called without an active exception", SIGABRT) after all its work is done. Joining those
+    threads first is not possible: DDP and FSDP keep the process group, and so its threads, alive until the
+    interpreter is torn down, and a barrier does not help either (its work holds the collectives still in
+    flight when it started). So a clean exit (end, --stop-at, SIGTERM) meets every rank at a barrier, so that
+    nobody leaves while a peer still waits, destroys the group and leaves without interpreter teardown.
+    Everything the run writes is flushed or closed before this point. On an error there is no barrier (the
+    other ranks would never reach it): the exception ends this rank, its peers' next collective fails on the
+    closed connection, and torchrun reports this rank's error as the root cause."""
+    if world == 1:
+        yield
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@record  # under torchrun, a failing rank's exception (not just its exit code) is the job's reported root cause
 def main(argv=None):
     args = parse_args(argv)
     # ---- distributed set-up: torchrun's RANK / LOCAL_RANK / WORLD_SIZE; nccl on GPUs, gloo on CPU ----------
@@ -162,8 +197,11 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    with process_group(world, device):
+        train(args, rank, local_rank, world, device)
+
+
+def train(args, rank, local_rank, world, device):
     master = rank == 0
     torch.manual_seed(args.seed)
     amp = lambda: f2llm_model.autocast(device)
@@ -287,8 +325,6 @@ def main(argv=None):
             print0(f"stopped after step {done}; --resume continues")
             break
     print0(f"done in {(time.time() - t0) / 60:.1f} min, {tokens_seen:,.0f} tokens")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -64,3 +64,13 @@ def test_torchrun_resume_continues_exactly(tmp_path, common):
     losses = lambda out: [(r["step"], r["loss"]) for r in read_log(out) if "loss" in r]
     assert len(losses(tmp_path / "straight")) == 9
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+
+
+def test_an_error_on_one_rank_ends_the_job_with_that_error(tmp_path, common):
+    # Rank 1 raises in its second step while rank 0 goes on: the job must end (no hang), fail, and name the error.
+    done = torchrun("tests/fault_worker.py", *common, "--out", tmp_path / "run", check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    root_cause = output[output.index("Root Cause"):]
+    assert "rank      : 1" in root_cause and "RuntimeError: injected failure on rank 1 in step 2" in root_cause, output[-3000:]
+    assert "SIGABRT" not in output and "terminate called" not in output

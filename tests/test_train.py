@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, read_log, run_train, write_source
+from conftest import ROOT, TIMEOUT, read_log, run_train, write_source
 from safetensors.torch import load_file
 
 import train
@@ -63,16 +63,17 @@ def test_presets_and_schedule():
 
 
 def test_sigterm_checkpoints_the_finished_step(data_dir, tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common(data_dir, tmp_path)), "--out", str(out), "--val-every", "0"],
+    # 50 epochs (1,800 steps): on any machine the signal arrives long before the run could end by itself.
+    out, epochs = tmp_path / "run", ["--epochs", "50"]
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common(data_dir, tmp_path)), *epochs, "--out", str(out), "--val-every", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "log.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + TIMEOUT
     while time.time() < deadline and not (log.exists() and sum('"loss"' in line for line in log.open()) >= 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
+    output = proc.communicate(timeout=TIMEOUT)[0]
     assert proc.returncode == 0, output[-2000:]
     last = [json.loads(line)["step"] for line in log.open() if '"loss"' in line][-1]
-    assert 2 <= last < 36 and f"stopped after step {last}" in output
+    assert 2 <= last < 1800 and f"stopped after step {last}" in output
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == last
