@@ -6,13 +6,13 @@ name and decides its task type:
     retrieval       hard negatives + in-batch negatives, 7 of the stored negatives sampled per query
     clustering      hard negatives only (in-batch texts often share the label), 7 sampled
     classification  hard negatives only, 1 (the other label name)
-Every global step draws all its queries from one source: all ranks pick the same source from the same
-seeded plan and take disjoint shards of it. A source's chance to be picked is proportional to the batches it
-has left, so an epoch is a random shuffle of all sources' batches, ending when every source is used up.
+Every global step draws all its queries from one source, picked as the official loop picks it; all ranks take
+disjoint shards of the same global batch, which is the same on any number of ranks (`Batches`).
 """
 import ast
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -23,16 +23,20 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-# Source names from the official training code; everything else is retrieval.
+# Source names from the official training code (utils.py); they decide the task type.
 CLASSIFICATION = {"amazon_counterfactual", "amazon_polarity", "imdb", "toxic_conversations", "cola"}
 CLUSTERING = {"amazon_reviews", "banking77", "emotion", "mtop_intent", "mtop_domain", "massive_scenario",
               "massive_intent", "tweet_sentiment_extraction", "twentynewsgroups",
               *(f"{site}_clustering_{kind}" for site in ("arxiv", "biorxiv", "medrxiv", "reddit", "stackexchange")
-                for kind in ("p2p", "s2s")),
-              "stdlib_code_clustering"}  # our built-in source below
+                for kind in ("p2p", "s2s"))}
+RETRIEVAL = {"arguana", "snli", "mnli", "anli", "paq", "squad", "stackexchange", "msmarco", "natural_questions", "hotpotqa",
+             "fever", "eli5", "fiqa", "bioasq", "nfcorpus", "miracl", "mrtidy", "scifact", "qqp", "stackoverflowdupquestions",
+             "sts12", "sts22", "stsbenchmark", "amazon_qa", "cnn_dm", "coliee", "paq_part2", "pubmedqa", "s2orc_abstract_citation",
+             "s2orc_title_abstract", "s2orc_title_citation", "sentence_compression", "specter", "triviaqa", "xsum",
+             "stackexchange_part2", "stackexchangedupquestions_s2s", "stackexchangedupquestions_p2p"}
+BUILTIN = {"stdlib_code_retrieval": "retrieval", "stdlib_code_clustering": "clustering"}  # our built-in sources, below
 NEGATIVES = {"retrieval": 7, "clustering": 7, "classification": 1}  # sampled per query per step
 TASK_TYPES = tuple(NEGATIVES)
-HOLDOUT = 0.01  # 1% of each source is held out for validation loss, split with seed 0
 
 
 class DataError(ValueError):
@@ -40,9 +44,19 @@ class DataError(ValueError):
 
 
 def task_type(source, overrides=None):
+    """The type a source trains as. A name in none of the lists is retrieval here (see `unlisted`)."""
     if overrides and source in overrides:
         return overrides[source]
+    if source in BUILTIN:
+        return BUILTIN[source]
     return "classification" if source in CLASSIFICATION else "clustering" if source in CLUSTERING else "retrieval"
+
+
+def unlisted(names, overrides=None):
+    """Sources in none of the official lists and not typed by --task-type. We train them as retrieval; the
+    official code gives its in-batch term to listed retrieval names only, so it trained them with hard negatives
+    alone (as clustering)."""
+    return [n for n in names if n not in {*CLASSIFICATION, *CLUSTERING, *RETRIEVAL, *BUILTIN, *(overrides or {})}]
 
 
 def find_files(data):
@@ -178,68 +192,90 @@ def load_sources(data, tokenizer, max_len, cache_dir, tokenize, overrides=None, 
             for f in find_files(data)]
 
 
+def heldout_split(n, train_size=0.99, seed=0):
+    """(train rows, held-out rows) of a source of n rows: the indices of the official code's
+    `Dataset.train_test_split(train_size=0.99, shuffle=True, seed=0)` (datasets keeps floor(0.99 n) rows for
+    training and holds out the first n - floor(0.99 n) of a seeded permutation). A source of one row, which
+    datasets refuses to split, is trained on whole."""
+    if n < 2:
+        return np.arange(n), np.arange(0)
+    n_test = n - math.floor(train_size * n)
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[n_test:], perm[:n_test]
+
+
 class Batches:
-    """Step -> this rank's batch. Stateless given the step, so resuming needs only the step number."""
+    """Step -> this rank's share of the global batch, as the official loop forms it. Stateless given the step,
+    so resuming needs only the step number, and the global batch does not depend on the number of ranks.
+
+    - Every row, every epoch: a source's rows are shuffled each epoch and cut into global batches; the last one
+      is filled by wrapping around to the epoch's first rows, as accelerate's sharded loaders do (even_batches),
+      so a source smaller than a batch is still trained.
+    - Which source, each step: the official MultiLoader, i.e. random.Random(epoch).choices over the sources with
+      weights fixed to each source's number of batches; a draw that finds its source used up removes it and
+      makes no step.
+    - Which negatives: one draw of `n` slots among the stored negative columns per step, the same slots for every
+      row of the global batch, as the official collate's random.sample(range(24), 7); classification takes
+      negative_1. Seeded by the step (the official code draws from one global stream).
+    """
 
     def __init__(self, sources, global_batch, world=1, rank=0, seed=0):
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} is not divisible by {world} ranks")
-        self.sources, self.G, self.B, self.rank, self.seed = sources, global_batch, global_batch // world, rank, seed
-        self.world = world
-        self.train, self.val = [], []
-        for s in sources:
-            perm = np.random.default_rng(0).permutation(len(s.query))
-            n_val = max(1, int(len(perm) * HOLDOUT)) if len(perm) > 1 else 0
-            self.val.append(perm[:n_val])
-            self.train.append(perm[n_val:])
-        self.n_batches = [len(t) // self.G for t in self.train]
+        self.sources, self.G, self.B, self.rank, self.world, self.seed = sources, global_batch, global_batch // world, rank, world, seed
+        self.train, self.val = zip(*(heldout_split(len(s.query)) for s in sources))
+        self.n_batches = [math.ceil(len(t) / self.G) for t in self.train]
         self.steps_per_epoch = sum(self.n_batches)
         if self.steps_per_epoch == 0:
-            raise DataError(f"no source has a full global batch of {self.G} rows")
+            raise DataError("no source has a training row")
         self._epoch = None
 
     def plan(self, epoch):
         """(source, batch k) for every step of the epoch, and each source's row order for that epoch."""
         if self._epoch != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            plan = [(s, k) for s, n in enumerate(self.n_batches) for k in range(n)]
-            self._plan = [plan[i] for i in rng.permutation(len(plan))]
-            self._order = [t[rng.permutation(len(t))] for t in self.train]
+            rng, names, weights = random.Random(epoch), [s for s, n in enumerate(self.n_batches) if n], [n for n in self.n_batches if n]
+            taken, self._plan = [0] * len(self.sources), []
+            while names:  # the official MultiLoader.__iter__
+                s = rng.choices(names, weights=weights)[0]
+                if taken[s] == self.n_batches[s]:  # drawn empty: removed, no step
+                    weights.pop(names.index(s))
+                    names.remove(s)
+                    continue
+                self._plan.append((s, taken[s]))
+                taken[s] += 1
+            self._order = [t[np.random.default_rng([self.seed, epoch, s]).permutation(len(t))] for s, t in enumerate(self.train)]
             self._epoch = epoch
         return self._plan, self._order
 
     def __call__(self, step):
         plan, order = self.plan(step // self.steps_per_epoch)
         s, k = plan[step % self.steps_per_epoch]
-        rows = order[s][k * self.G:(k + 1) * self.G]
-        return self._batch(s, rows, np.random.default_rng([self.seed, step, 1]))
+        return self._batch(s, wrap(order[s], k, self.G), random.Random(f"{self.seed}/{step}"))
 
     def validation(self):
-        """Fixed held-out batches of up to the global batch size, the same on any number of ranks: where the
-        world does not divide a batch, it is padded with repeats of its last row, and `n_real` counts the rows."""
-        out = []
-        for s, rows in enumerate(self.val):
-            size = min(self.G, len(rows))
-            for k in range(len(rows) // size if size else 0):
-                out.append(self._batch(s, rows[k * size:(k + 1) * size], np.random.default_rng([self.seed, k, 2])))
-        return out
+        """Every held-out row in global batches (the last one wrapped around, as the official validation loaders
+        are sharded), the same on any number of ranks."""
+        return [self._batch(s, wrap(rows, k, self.G), random.Random(f"{self.seed}/val/{s}/{k}"))
+                for s, rows in enumerate(self.val) for k in range(math.ceil(len(rows) / self.G))]
 
     def _batch(self, s, rows, rng):
-        src, n_real, n = self.sources[s], len(rows), NEGATIVES[self.sources[s].kind]
-        # Sample n of each row's stored negatives for the whole global batch, then keep this rank's shard:
-        # the global batch is the same on any number of ranks.
-        negs = src.negatives[rows]
-        keys = np.where(negs >= 0, rng.random(negs.shape), np.inf)
-        picked = np.take_along_axis(negs, np.argsort(keys, 1)[:, :n], 1)
-        pad = -n_real % self.world  # validation only: training batches divide evenly
-        rows, picked = np.concatenate([rows, np.repeat(rows[-1:], pad)]), np.concatenate([picked, np.repeat(picked[-1:], pad, 0)])
-        B = len(rows) // self.world
-        mine = slice(self.rank * B, (self.rank + 1) * B)
+        src, n = self.sources[s], NEGATIVES[self.sources[s].kind]
+        slots = [0] if src.kind == "classification" else rng.sample(range(src.negatives.shape[1]), n)
+        picked = src.negatives[rows][:, slots]
+        for i in np.flatnonzero((picked < 0).any(1)):  # a missing negative: the row's next stored ones take its place
+            stored = src.negatives[rows[i]]
+            spare = [t for j, t in enumerate(stored) if t >= 0 and j not in slots]
+            picked[i] = [t if t >= 0 else spare.pop(0) for t in picked[i]]
+        mine = slice(self.rank * self.B, (self.rank + 1) * self.B)
         seqs = [src.text(t) for t in src.query[rows[mine]]]
         for p, ns in zip(src.passage[rows[mine]], picked[mine]):
             seqs += [src.text(p)] + [src.text(t) for t in ns]
-        return dict(seqs=seqs, n_queries=B, n_negatives=n, in_batch=src.kind == "retrieval", source=src.name, rows=rows[mine],
-                    n_real=n_real)
+        return dict(seqs=seqs, n_queries=self.B, n_negatives=n, in_batch=src.kind == "retrieval", source=src.name, rows=rows[mine])
+
+
+def wrap(rows, k, size):
+    """Batch k of `size` rows, continuing from the first rows where `rows` runs out."""
+    return rows[(k * size + np.arange(size)) % len(rows)]
 
 
 # ---- Built-in data: the installed Python standard library, written in the F2LLM format ------------------

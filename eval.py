@@ -31,6 +31,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score, v
 import model as f2llm_model
 
 SEED = 42  # MTEB's seed for every sampling step
+MAX_LEN = 8192  # F2LLM's own MTEB runs (mteb's codefuse wrapper) embed up to 8192 tokens, not the training 1024
 KS = (1, 3, 5, 10, 20, 100, 1000)
 MAIN_SCORE = dict(retrieval="ndcg_at_10", reranking="map_at_1000", clustering="v_measure", classification="accuracy",
                   sts="cosine_spearman", pair_classification="max_ap", summarization="cosine_spearman")
@@ -249,7 +250,7 @@ def score_task(task, embed):
     """embed(texts, is_query) -> float32 [n, H]. Returns MTEB-named scores of one task."""
     kind, rows = task["type"], task.get("rows")
     if kind == "retrieval":
-        docs = embed([(d.get("title") or "") + " " + d["text"] if d.get("title") else d["text"] for d in task["corpus"]], False)
+        docs = embed([((d.get("title") or "") + " " + d["text"]).strip() for d in task["corpus"]], False)  # as F2LLM's wrapper
         queries = embed([q["text"] for q in task["queries"]], True)
         run = run_from_search(*search(queries, docs), task["query_ids"], task["doc_ids"])
         return retrieval_metrics(task["qrels"], run, ignore_identical_ids=task.get("ignore_identical_ids", False))
@@ -277,7 +278,13 @@ def score_task(task, embed):
                                 [r["relevance"] for r in rows])
 
 
-def evaluate(model, tokenizer, task_dirs, out=None, max_len=512, batch_size=32, progress=True):
+def max_len_for(settings):
+    """Tokens per text for a checkpoint trained with `settings` (train_args.json): MAX_LEN, except the tiny
+    random-init model, which has seen nothing longer than its training length and would only run slower."""
+    return settings["max_len"] if settings and settings.get("size") == "tiny" else MAX_LEN
+
+
+def evaluate(model, tokenizer, task_dirs, out=None, max_len=MAX_LEN, batch_size=32, progress=True):
     """Score every task; write one MTEB-style JSON per task into `out` if given. Returns the result dicts."""
     results = []
     for folder in task_dirs:
@@ -329,14 +336,14 @@ def main(argv=None):
     p.add_argument("--model", default=os.path.join("out", "checkpoint"), help="checkpoint folder, size preset or hub id")
     p.add_argument("--tasks", nargs="*", help="task folders (default: the built-in ones)")
     p.add_argument("--out", default=os.path.join("out", "eval"), help="one JSON result file per task")
-    p.add_argument("--max-len", type=int, help="tokens per text (default: the checkpoint's training length, else 512)")
+    p.add_argument("--max-len", type=int, help=f"tokens per text (default {MAX_LEN}, as F2LLM's MTEB runs; the tiny model's training length)")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
     if not os.path.exists(args.model) and args.model.startswith(("out", ".", "/")):
         raise SystemExit(f"{args.model}: no checkpoint here; run `python train.py` first or pass --model")
     train_args = os.path.join(args.model, "train_args.json")
     if args.max_len is None:
-        args.max_len = json.load(open(train_args))["max_len"] if os.path.exists(train_args) else 512
+        args.max_len = max_len_for(json.load(open(train_args)) if os.path.exists(train_args) else None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = f2llm_model.load(args.model, device=device)
     tasks = args.tasks or builtin_tasks(os.path.join(f2llm_model.CACHE, "stdlib-eval"))

@@ -5,11 +5,13 @@ Loss (F2LLM report, section 3), temperature tau = 0.05, s = cosine:
     in_batch = CE over the positives of the whole global batch, label d_i     (retrieval batches only)
     loss     = mean over queries of hard (+ in_batch)
 
-Difference from the official code: it gathers positives across GPUs with accelerate's `gather`, which
-carries no gradient, so with more than one GPU the in-batch term trains only the query side. Here the
-positives are gathered with a differentiable all-gather: each rank keeps its own queries, the gradient of
-every positive flows back to the rank that made it, and DDP's gradient averaging completes the mean over the
-global batch. N ranks therefore give the gradient of one process holding the whole global batch.
+The in-batch term as the released models were trained: the official code gathers the positives of all GPUs
+with accelerate's `gather`, a copy that carries no gradient (DeepSpeed, mandatory there, makes it a copy even
+on one GPU). So the in-batch term trains the queries only, and positives learn through the hard term alone.
+Here the positives are gathered detached on any number of ranks, each rank scores its own queries, and DDP's
+gradient averaging completes the mean over the global batch: N ranks give the gradient of one process holding
+the whole global batch. `in_batch_grad=True` is the other objective, where the gradient of every gathered
+positive flows back to the rank that made it (a differentiable all-gather); not the released recipe.
 
 Gradient cache (Gao et al. 2021): 1) embed every chunk without autograd, 2) loss on the
 detached embeddings, backward to d loss / d embedding, 3) re-embed each chunk with autograd under the same
@@ -42,23 +44,33 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
 
 
-def gather_with_grad(x):
-    """(rows of all ranks, offset of this rank's rows)."""
+def gather(x, grad=False):
+    """(rows of all ranks in rank order, offset of this rank's rows). Without `grad`, a copy that carries no
+    gradient, as accelerate's gather; with it, the gradient of every row flows back to the rank that made it."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
+        return (x if grad else x.detach()), 0
+    offset = dist.get_rank() * x.shape[0]
+    if grad:
+        return _GatherWithGrad.apply(x), offset
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts), offset
 
 
-def f2llm_loss(queries, positives, negatives, in_batch, temperature=TEMPERATURE, gather=True):
+def f2llm_loss(queries, positives, negatives, in_batch, temperature=TEMPERATURE, gather_ranks=True, in_batch_grad=False):
     """queries, positives: [B, H]; negatives: [B, n, H]; all L2-normalised. Returns (loss, hard, in_batch).
-    The in-batch candidates are the positives of every rank; gather=False when the caller holds the whole batch."""
+    The in-batch candidates are the positives of every rank (gather_ranks=False when the caller holds the whole
+    batch); they carry the in-batch term's gradient only with in_batch_grad."""
     candidates = torch.cat([positives[:, None], negatives], 1)  # [B, 1 + n, H]
     scores = torch.einsum("bh,bch->bc", queries, candidates) / temperature
     labels = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
     hard = F.cross_entropy(scores, labels)
     if not in_batch:
         return hard, hard.detach(), torch.zeros_like(hard)
-    all_positives, offset = gather_with_grad(positives) if gather else (positives, 0)
+    if gather_ranks:
+        all_positives, offset = gather(positives, in_batch_grad)
+    else:
+        all_positives, offset = (positives if in_batch_grad else positives.detach()), 0
     scores = queries @ all_positives.T / temperature
     ib = F.cross_entropy(scores, offset + torch.arange(len(queries), device=queries.device))
     return hard + ib, hard.detach(), ib.detach()
@@ -102,7 +114,7 @@ def _restore_rng(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def cached_step(model, batch, collate, chunk_size, amp=nullcontext, temperature=TEMPERATURE):
+def cached_step(model, batch, collate, chunk_size, amp=nullcontext, temperature=TEMPERATURE, in_batch_grad=False):
     """Forward + backward of one batch through the gradient cache; returns (loss, hard, in_batch) detached.
 
     batch: dict(seqs=[queries..., then per query positive + n negatives], n_queries, n_negatives, in_batch).
@@ -122,7 +134,8 @@ def cached_step(model, batch, collate, chunk_size, amp=nullcontext, temperature=
                 emb = torch.empty(len(seqs), e.shape[1], device=device)
             emb[idx] = e.float()
     emb.requires_grad_(True)
-    loss, hard, ib = f2llm_loss(*split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"], temperature)
+    loss, hard, ib = f2llm_loss(*split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"], temperature,
+                                in_batch_grad=in_batch_grad)
     loss.backward()
     grad = emb.grad
     for k, idx in enumerate(chunks):

@@ -32,21 +32,21 @@ import loss as f2llm_loss
 import model as f2llm_model
 
 # ---- configuration: paper Table 1 and the released config ----------------------------------------------------
-PRESETS = {  # lr, global batch (queries), max length, epochs, warmup steps; validation interval (1% held out is big);
-    # chunk size: sequences per gradient-cache chunk for 80 GB at 1024 tokens. 0.6b measured on an H100 (45 GiB peak
-    # at 16; 24 reaches 63 GiB; 32 runs out). 1.7b and 4b are scaled from the 0.6b's 2.2 MiB of activations per token
-    # by hidden size x layers, not measured: lower --chunk-size if a chunk runs out of memory
-    "0.6b": dict(lr=1e-5, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000, chunk_size=16),
-    "1.7b": dict(lr=9e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000, chunk_size=8),
-    "4b": dict(lr=8e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, val_every=1000, chunk_size=4),
+PRESETS = {  # lr, global batch (queries), max length, epochs, warmup and the world it was counted for (see lr_at);
+    # validation interval (1% held out is big); chunk size: sequences per gradient-cache chunk for 80 GB at 1024 tokens.
+    # 0.6b measured on an H100 (45 GiB peak at 16; 24 reaches 63 GiB; 32 runs out). 1.7b and 4b are scaled from the
+    # 0.6b's 2.2 MiB of activations per token by hidden size x layers, not measured: lower --chunk-size if one runs out
+    "0.6b": dict(lr=1e-5, batch_size=512, max_len=1024, epochs=2, warmup=500, schedule_world=16, val_every=1000, chunk_size=16),
+    "1.7b": dict(lr=9e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, schedule_world=16, val_every=1000, chunk_size=8),
+    "4b": dict(lr=8e-6, batch_size=512, max_len=1024, epochs=2, warmup=500, schedule_world=32, val_every=1000, chunk_size=4),
     # random init learns from scratch: a large rate, short sequences, a few minutes on 2 CPU cores
-    "tiny": dict(lr=1e-3, batch_size=32, max_len=96, epochs=2, warmup=10, val_every=50, chunk_size=64),
+    "tiny": dict(lr=1e-3, batch_size=32, max_len=96, epochs=2, warmup=10, schedule_world=1, val_every=50, chunk_size=64),
 }
 
 
 # what must match the checkpoint for --resume to continue the same run
-RESUME_KEYS = ("size", "model", "data", "task_type", "max_len", "lr", "min_lr", "warmup", "epochs", "batch_size",
-               "weight_decay", "clip", "temperature", "seed")
+RESUME_KEYS = ("size", "model", "data", "task_type", "max_len", "lr", "min_lr", "warmup", "schedule_world", "epochs", "batch_size",
+               "weight_decay", "clip", "temperature", "in_batch_grad", "seed")
 
 
 def parse_args(argv=None):
@@ -63,13 +63,16 @@ def parse_args(argv=None):
     # optimisation (AdamW betas (0.9, 0.98), cosine schedule: the paper's)
     p.add_argument("--lr", type=float, help="peak learning rate (preset)")
     p.add_argument("--min-lr", type=float, default=1e-7, help="learning-rate floor")
-    p.add_argument("--warmup", type=int, help="linear warmup steps (preset)")
+    p.add_argument("--warmup", type=int, help="warmup length in scheduler steps (preset; see --schedule-world)")
+    p.add_argument("--schedule-world", type=int, help="the released runs' GPU count (preset 16, 4b 32): their scheduler counted "
+                   "per-GPU batches and was stepped once per GPU per optimizer step, so warmup 500 lasted 500/16 optimizer steps")
     p.add_argument("--epochs", type=int, help="passes over every source (preset)")
     p.add_argument("--batch-size", type=int, help="global batch in queries, over all ranks (preset)")
     p.add_argument("--chunk-size", type=int, help="sequences per gradient-cache chunk (preset): sets memory, not the result")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--temperature", type=float, default=f2llm_loss.TEMPERATURE)
+    p.add_argument("--in-batch-grad", action="store_true", help="let the in-batch term train the positives too (not the released recipe)")
     p.add_argument("--seed", type=int, default=0)
     # bookkeeping
     p.add_argument("--out", default="out", help="checkpoints, log.jsonl and evaluation results")
@@ -88,15 +91,28 @@ def parse_args(argv=None):
     args.task_type = dict(kv.split("=", 1) for kv in args.task_type)
     if bad := {k: v for k, v in args.task_type.items() if v not in data.TASK_TYPES}:
         p.error(f"--task-type: unknown types {bad}")
+    if args.batch_size % args.schedule_world:
+        p.error(f"--batch-size {args.batch_size} is not divisible by --schedule-world {args.schedule_world}")
     return args
 
 
-def lr_at(step, args, total):
-    """Linear warmup, cosine decay to zero, clamped at min_lr (as the official code does)."""
-    if step < args.warmup:
-        return max(args.min_lr, args.lr * step / args.warmup)
-    progress = (step - args.warmup) / max(1, total - args.warmup)
-    return max(args.min_lr, args.lr * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_at(step, args, length):
+    """The learning rate of optimizer step `step` (0-based) as the released runs had it: transformers' cosine
+    schedule with warmup, whose `length` and warmup are counted in per-GPU batches of a run on
+    args.schedule_world GPUs, stepped that many times per optimizer step by accelerate's AcceleratedScheduler;
+    the official loop raises the rate to min_lr after each step, so the first step runs at the schedule's 0."""
+    x = step * args.schedule_world
+    if x < args.warmup:
+        factor = x / max(1, args.warmup)
+    else:
+        factor = max(0.0, 0.5 * (1 + math.cos(math.pi * ((x - args.warmup) / max(1, length - args.warmup)))))
+    return args.lr * factor if step == 0 else max(args.min_lr, args.lr * factor)
+
+
+def schedule_length(batches, args):
+    """The official scheduler's length: per-GPU batches of every source (the last one partial), times epochs."""
+    per_gpu = args.batch_size // args.schedule_world
+    return args.epochs * sum(math.ceil(len(rows) / per_gpu) for rows in batches.train)
 
 
 def print0(*a, **k):
@@ -139,7 +155,7 @@ def weights_owner(model):
 
 def validate(model, batches, collate, amp, args):
     """Mean held-out loss per source, the same on any number of ranks: each rank embeds its shard of a held-out
-    global batch, the shards are gathered, the padding rows dropped, and the loss is computed on the whole batch."""
+    global batch, the shards are gathered, and the loss is computed on the whole batch."""
     sums = {}
     model.eval()
     with torch.no_grad():
@@ -147,8 +163,8 @@ def validate(model, batches, collate, amp, args):
             with amp():
                 emb = torch.cat([model(*collate(b["seqs"][i:i + args.chunk_size])) for i in range(0, len(b["seqs"]), args.chunk_size)])
             parts = f2llm_loss.split_embeddings(emb.float(), b["n_queries"], b["n_negatives"])
-            q, p, negs = (f2llm_loss.gather_with_grad(x)[0][:b["n_real"]] for x in parts)  # no autograd here: an all-gather
-            loss = f2llm_loss.f2llm_loss(q, p, negs, b["in_batch"], args.temperature, gather=False)[0]
+            q, p, negs = (f2llm_loss.gather(x)[0] for x in parts)
+            loss = f2llm_loss.f2llm_loss(q, p, negs, b["in_batch"], args.temperature, gather_ranks=False)[0]
             total = sums.setdefault(b["source"], [0.0, 0])
             total[0] += loss.item()
             total[1] += 1
@@ -237,9 +253,12 @@ def train(args, rank, local_rank, world, device):
         if world > 1:
             dist.barrier()
     batches = data.Batches(sources, args.batch_size, world, rank, args.seed)
-    total = batches.steps_per_epoch * args.epochs
+    total, length = batches.steps_per_epoch * args.epochs, schedule_length(batches, args)
     for s, n in zip(sources, batches.n_batches):
         print0(f"  source {s.name}: {s.kind}, {len(s.query):,} rows, {n} steps per epoch")
+    for name in data.unlisted([s.name for s in sources], args.task_type):
+        print0(f"warning: source {name!r} is in none of F2LLM's lists: trained as retrieval (hard and in-batch negatives), where the "
+               f"official code trains it with hard negatives only; --task-type {name}=clustering does that")
     print0(f"{total} steps: {args.epochs} epoch(s) x {batches.steps_per_epoch}, global batch {args.batch_size} queries")
 
     # ---- wrap for data parallelism, optimizer, resume ---------------------------------------------------------
@@ -264,7 +283,7 @@ def train(args, rank, local_rank, world, device):
     def run_eval(step):
         # Every rank encodes (FSDP needs all of them); rank 0 writes and prints.
         results = evaluation.evaluate(encoder, tokenizer, tasks, out=os.path.join(args.out, "eval", f"step{step}") if master else None,
-                                      max_len=args.max_len, progress=False)
+                                      max_len=evaluation.max_len_for(vars(args)), progress=False)
         print0(f"eval step {step} | " + " | ".join(f"{r['task']} {r['main_score_name']} {r['main_score']:.4f}" for r in results))
         return {r["task"]: r["main_score"] for r in results}
 
@@ -293,10 +312,10 @@ def train(args, rank, local_rank, world, device):
     for step in range(start, total):
         t = time.time()
         batch = batches(step)
-        lr = lr_at(step, args, total)
+        lr = lr_at(step, args, length)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, args.chunk_size, amp, args.temperature)
+        loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, args.chunk_size, amp, args.temperature, args.in_batch_grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -82,9 +82,10 @@ def shard(batch, rank, world):
     return dict(batch, seqs=queries + docs, n_queries=B)
 
 
-def uncached_step(model, batch, collate):
+def uncached_step(model, batch, collate, in_batch_grad=False):
     """The plain reference: every sequence through autograd at once."""
     emb = model(*collate(batch["seqs"]))
-    loss = f2llm_loss.f2llm_loss(*f2llm_loss.split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"])[0]
+    loss = f2llm_loss.f2llm_loss(*f2llm_loss.split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"],
+                                 in_batch_grad=in_batch_grad)[0]
     loss.backward()
     return loss.detach()

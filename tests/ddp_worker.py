@@ -11,14 +11,14 @@ import loss as f2llm_loss
 import model as f2llm_model
 import train
 
-out, in_batch = sys.argv[1], sys.argv[2] == "retrieval"
+out, kind = sys.argv[1], sys.argv[2]  # retrieval, retrieval-grad (in_batch_grad) or clustering
 with train.process_group(int(os.environ["WORLD_SIZE"]), torch.device("cpu")):  # the trainer's own way in and out
     rank, world = dist.get_rank(), dist.get_world_size()
     model, tokenizer = f2llm_model.load("tiny")
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    batch = make_batch(tokenizer, 6, 3, in_batch)
+    batch = make_batch(tokenizer, 6, 3, kind != "clustering")
     collate = lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id)
-    loss, _, _ = f2llm_loss.cached_step(ddp, shard(batch, rank, world), collate, chunk_size=5)
+    loss, _, _ = f2llm_loss.cached_step(ddp, shard(batch, rank, world), collate, chunk_size=5, in_batch_grad=kind == "retrieval-grad")
     losses = [torch.zeros(()) for _ in range(world)]
     dist.all_gather(losses, loss)
     if rank == 0:

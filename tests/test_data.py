@@ -1,4 +1,6 @@
 import json
+import math
+import random
 
 import numpy as np
 import pytest
@@ -25,6 +27,12 @@ def test_task_types_from_source_names(sources):
     assert data.task_type("banking77", {"banking77": "retrieval"}) == "retrieval"
 
 
+def test_names_in_no_official_list_are_reported():
+    names = ["msmarco", "qa", "banking77", "imdb", "stdlib_code_retrieval", "mine"]
+    assert data.unlisted(names, {"mine": "clustering"}) == ["qa"]
+    assert [data.task_type(n) for n in ("qa", "stdlib_code_clustering")] == ["retrieval", "clustering"]
+
+
 def test_tokenized_once_and_cached(tmp_path, tokenizer, sources):
     path = tmp_path / "msmarco.jsonl"
     first = sources[0]
@@ -38,34 +46,90 @@ def test_one_source_per_step_on_all_ranks_and_disjoint_shards(sources):
     world = 4
     ranks = [data.Batches(sources, 16, world, r, seed=0) for r in range(world)]
     single = data.Batches(sources, 16, 1, 0, seed=0)
-    seen = {s.name: set() for s in sources}
-    assert ranks[0].steps_per_epoch == single.steps_per_epoch == (198 // 16) + (119 // 16) + (90 - 1) // 16
+    assert ranks[0].steps_per_epoch == single.steps_per_epoch == math.ceil(198 / 16) + math.ceil(119 / 16) + math.ceil(89 / 16)
     for step in range(2 * single.steps_per_epoch):
         batches = [b(step) for b in ranks]
         whole = single(step)
         assert len({b["source"] for b in batches}) == 1 and whole["source"] == batches[0]["source"]
         rows = np.concatenate([b["rows"] for b in batches])
-        assert len(set(rows.tolist())) == 16 and rows.tolist() == whole["rows"].tolist()  # same global batch on any world size
+        assert rows.tolist() == whole["rows"].tolist()  # same global batch on any world size
         assert [q for b in batches for q in b["seqs"][:4]] == whole["seqs"][:16]  # queries: rank shards in order
-        if step < single.steps_per_epoch:
-            assert not seen[whole["source"]] & set(rows.tolist())  # no row twice in an epoch
-            seen[whole["source"]] |= set(rows.tolist())
-    held_out = {s.name: set(v.tolist()) for s, v in zip(sources, single.val)}
-    assert all(not seen[n] & held_out[n] for n in seen) and [len(v) for v in held_out.values()] == [2, 1, 1]
+        assert [d for b in batches for d in b["seqs"][4:]] == whole["seqs"][16:]  # and their groups
 
 
-def test_validation_batches_are_the_same_on_any_number_of_ranks(sources):
+def test_every_training_row_every_epoch(tmp_path, tokenizer, sources):
+    # accelerate's even_batches: a source's last batch wraps around to the epoch's first rows, so nothing is dropped,
+    # not even a source smaller than one global batch (STS22 and COLIEE in the real data).
+    small = load([write_source(tmp_path / "sts22.jsonl", 11, 8, seed=4)], tokenizer, tmp_path)
+    b = data.Batches(sources + small, 16, 1, 0, seed=0)
+    for epoch in range(2):
+        seen = {s.name: [] for s in b.sources}
+        for step in range(epoch * b.steps_per_epoch, (epoch + 1) * b.steps_per_epoch):
+            x = b(step)
+            seen[x["source"]] += x["rows"].tolist()
+        for s, train, val in zip(b.sources, b.train, b.val):
+            n = len(train)
+            assert sorted(set(seen[s.name])) == sorted(train.tolist()) and len(seen[s.name]) == 16 * math.ceil(n / 16)
+            assert not set(seen[s.name]) & set(val.tolist())  # held-out rows never trained
+            assert sorted(seen[s.name][:n]) == sorted(train.tolist())  # each row once before any repeats
+    assert [len(v) for v in b.val] == [2, 2, 1, 1]
+
+
+def test_validation_covers_every_held_out_row_the_same_on_any_number_of_ranks(sources):
     whole = data.Batches(sources, 16, 1, 0, seed=0).validation()
-    assert [b["n_real"] for b in whole] == [2, 1, 1]
+    assert [sorted(set(b["rows"].tolist())) for b in whole] == [sorted(v.tolist()) for v in data.Batches(sources, 16).val]
     for world in (2, 4):
         shards = [data.Batches(sources, 16, world, r, seed=0).validation() for r in range(world)]
         for k, b in enumerate(whole):
-            parts, group = [s[k] for s in shards], 1 + b["n_negatives"]
-            rows = np.concatenate([p["rows"] for p in parts])
-            assert len(rows) % world == 0 and parts[0]["n_real"] == b["n_real"] and rows[:b["n_real"]].tolist() == b["rows"].tolist()
-            queries = [q for p in parts for q in p["seqs"][:p["n_queries"]]]
-            docs = [d for p in parts for d in p["seqs"][p["n_queries"]:]]
-            assert queries[:b["n_real"]] == b["seqs"][:b["n_queries"]] and docs[:b["n_real"] * group] == b["seqs"][b["n_queries"]:]
+            parts = [s[k] for s in shards]
+            assert np.concatenate([p["rows"] for p in parts]).tolist() == b["rows"].tolist()
+            assert [q for p in parts for q in p["seqs"][:p["n_queries"]]] == b["seqs"][:16]
+            assert [d for p in parts for d in p["seqs"][p["n_queries"]:]] == b["seqs"][16:]
+
+
+def test_held_out_rows_are_those_of_datasets_train_test_split():
+    from datasets import Dataset
+    for n in [2, 3, 50, 99, 100, 101, 150, 389, 454, 1001, 12345]:
+        split = Dataset.from_dict({"row": list(range(n))}).train_test_split(train_size=0.99, shuffle=True, seed=0)
+        train, val = data.heldout_split(n)
+        assert train.tolist() == split["train"]["row"] and val.tolist() == split["test"]["row"], n
+    assert [len(x) for x in data.heldout_split(1)] == [1, 0]  # datasets refuses to split one row; we train on it
+
+
+class OfficialMultiLoader:
+    """F2LLM's MultiLoader (run.py, v1), transcribed: the loaders are lists of batches."""
+
+    def __init__(self, loader_dict):
+        self.loader_dict = loader_dict
+
+    def reset_epoch(self, epoch):
+        self.rng = random.Random(epoch)
+        self.iters = {k: iter(v) for k, v in self.loader_dict.items()}
+        self.names = list(self.iters.keys())
+        self.weights = [len(self.loader_dict[k]) for k in self.names]
+
+    def __iter__(self):
+        while self.names:
+            name = self.rng.choices(self.names, weights=self.weights)[0]
+            try:
+                yield next(self.iters[name])
+            except StopIteration:
+                idx = self.names.index(name)
+                self.names.pop(idx)
+                self.weights.pop(idx)
+
+
+def test_source_choice_is_the_official_multiloader(tmp_path, tokenizer):
+    sizes = {"a": 700, "b": 40, "c": 3, "d": 260, "e": 2}  # rows; the global batch is 16
+    paths = [write_source(tmp_path / f"{name}.jsonl", n, 8, seed=i) for i, (name, n) in enumerate(sizes.items())]
+    b = data.Batches(load(paths, tokenizer, tmp_path), 16, 1, 0, seed=0)
+    assert b.n_batches == [math.ceil(len(t) / 16) for t in b.train] == [44, 3, 1, 17, 1]
+    official = OfficialMultiLoader({s.name: [(s.name, k) for k in range(n)] for s, n in zip(b.sources, b.n_batches)})
+    for epoch in range(3):
+        official.reset_epoch(epoch)
+        ours = [b(step)["source"] for step in range(epoch * b.steps_per_epoch, (epoch + 1) * b.steps_per_epoch)]
+        assert ours == [name for name, _ in official]
+        assert [k for s, k in b.plan(epoch)[0] if s == 0] == list(range(b.n_batches[0]))  # a source's batches in order
 
 
 def test_negatives_sampled_per_task_type(sources):
@@ -78,6 +142,40 @@ def test_negatives_sampled_per_task_type(sources):
     assert {k: v["in_batch"] for k, v in by_source.items()} == {"msmarco": True, "banking77": False, "imdb": False}
     x = by_source["msmarco"]
     assert len(x["seqs"]) == 8 * (2 + 7)
+
+
+def test_one_draw_of_negative_slots_per_step_for_the_whole_batch(sources):
+    # The official collate: random.sample(range(24), 7) once per batch, the same slots for every row;
+    # classification takes negative_1.
+    b = data.Batches(sources, 8, 1, 0, seed=0)
+    for step in range(b.steps_per_epoch):
+        x = b(step)
+        src = next(s for s in sources if s.name == x["source"])
+        group = 1 + x["n_negatives"]
+        negatives = [x["seqs"][8 + i * group + 1:8 + (i + 1) * group] for i in range(8)]
+        slots = [[next(j for j in range(src.negatives.shape[1]) if src.text(src.negatives[r, j]) == t) for t in ns]
+                 for r, ns in zip(x["rows"], negatives)]
+        assert all(s == slots[0] for s in slots) and len(set(slots[0])) == x["n_negatives"]
+        if src.kind == "classification":
+            assert slots[0] == [0]
+        else:
+            assert slots[0] == random.Random(f"0/{step}").sample(range(src.negatives.shape[1]), 7)
+    assert b(3)["seqs"] == data.Batches(sources, 8, 1, 0, seed=0)(3)["seqs"]  # a function of the step
+
+
+def test_a_missing_negative_is_replaced_by_the_rows_next_stored_one(tmp_path, tokenizer):
+    rows = [dict(GOOD, query=f"q{i}", negative_8="n8", negative_9="n9") for i in range(4)]
+    rows[0].update(negative_2=None, negative_5=None)  # row 0 keeps 7 of its 9 negatives
+    src = load([write_rows(tmp_path / "qa.jsonl", rows)], tokenizer, tmp_path)
+    b = data.Batches(src, 4, 1, 0, seed=0)
+    for step in range(6):
+        x = b(step)
+        slots = random.Random(f"0/{step}").sample(range(9), 7)
+        negatives = lambda i: [tokenizer.decode(s[:-1]) for s in x["seqs"][4 + i * 8 + 1:4 + (i + 1) * 8]]
+        first = x["rows"].tolist().index(0)
+        spare = iter(f"n{j + 1}" for j in range(9) if j not in slots and j + 1 not in (2, 5))
+        assert negatives(first) == [f"n{j + 1}" if j + 1 not in (2, 5) else next(spare) for j in slots], slots
+        assert negatives(1 - min(first, 1)) == [f"n{j + 1}" for j in slots]  # a complete row keeps the drawn slots
 
 
 def test_builtin_data_takes_the_same_path(tmp_path, tokenizer):

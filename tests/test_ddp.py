@@ -8,14 +8,16 @@ from safetensors.torch import load_file
 import model as f2llm_model
 
 
-@pytest.mark.parametrize("kind", ["retrieval", "clustering"])
+@pytest.mark.parametrize("kind", ["retrieval", "retrieval-grad", "clustering"])
 def test_two_ranks_give_the_gradient_of_one_process(tiny, tmp_path, kind):
-    # The test that catches a 1/W or W factor and a gather that drops the gradient of the other ranks' positives.
+    # The test that catches a 1/W or W factor, a gather that drops the gradient of the other ranks' positives
+    # (retrieval-grad) and one that lets gradient through where the released recipe has none (retrieval).
     torchrun("tests/ddp_worker.py", tmp_path, kind)
     ddp = torch.load(tmp_path / "ddp.pt")
     model, tokenizer = tiny
     model.zero_grad()
-    ref_loss = uncached_step(model, make_batch(tokenizer, 6, 3, kind == "retrieval"), lambda s: f2llm_model.pad(s, tokenizer.pad_token_id))
+    ref_loss = uncached_step(model, make_batch(tokenizer, 6, 3, kind != "clustering"), lambda s: f2llm_model.pad(s, tokenizer.pad_token_id),
+                             in_batch_grad=kind == "retrieval-grad")
     scale = max(p.grad.abs().max().item() for p in model.parameters())
     for n, p in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][n], p.grad, atol=1e-5 * scale, rtol=1e-4, msg=n)
@@ -26,7 +28,7 @@ def test_two_ranks_give_the_gradient_of_one_process(tiny, tmp_path, kind):
 
 @pytest.fixture
 def common(tmp_path):
-    """A 9-step run: a retrieval source and a clustering source (no in-batch term), no evaluation tasks."""
+    """An 11-step run (7 + 4 global batches of 108 and 59 training rows): a retrieval and a clustering source, no evaluation tasks."""
     data = tmp_path / "data"
     data.mkdir()
     write_source(data / "qa.jsonl", 110, 8, seed=1)
@@ -62,7 +64,7 @@ def test_torchrun_resume_continues_exactly(tmp_path, common):
     torchrun("train.py", *common, "--out", tmp_path / "stopped", "--stop-at", 4)
     torchrun("train.py", *common, "--out", tmp_path / "stopped", "--resume")
     losses = lambda out: [(r["step"], r["loss"]) for r in read_log(out) if "loss" in r]
-    assert len(losses(tmp_path / "straight")) == 9
+    assert len(losses(tmp_path / "straight")) == 11
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
 
 

@@ -162,6 +162,21 @@ def test_bad_task_files_are_named(tmp_path, qrels, message):
         ev.load_task(tmp_path / "c")
 
 
+def test_texts_and_length_as_f2llms_mteb_runs_embed_them():
+    # F2LLM's MTEB wrapper: BEIR titles joined as (title + " " + text).strip(), up to 8192 tokens.
+    seen = []
+    def embed(texts, is_query):
+        seen.append(texts)
+        return torch.nn.functional.normalize(torch.randn(len(texts), 8), dim=1)
+    corpus = [dict(_id="a", title="Adder", text="def add"), dict(_id="b", title="", text="  padded "), dict(_id="c", text="bare")]
+    task = dict(type="retrieval", corpus=corpus, queries=[dict(_id="q", text="add")], query_ids=["q"], doc_ids=["a", "b", "c"],
+                qrels={"q": {"a": 1}})
+    ev.score_task(task, embed)
+    assert seen[0] == ["Adder def add", "padded", "bare"]
+    assert ev.max_len_for({"size": "0.6b", "max_len": 1024}) == ev.max_len_for(None) == ev.MAX_LEN == 8192
+    assert ev.max_len_for({"size": "tiny", "max_len": 96}) == 96  # the tiny model has seen nothing longer
+
+
 def test_cli_end_to_end(tmp_path, tiny):
     model, tokenizer = tiny
     model.backbone.save_pretrained(tmp_path / "ckpt")

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import torch
 from conftest import ROOT, TIMEOUT, read_log, run_train, write_source
 from safetensors.torch import load_file
 
+import data
 import train
 
 
@@ -28,7 +30,8 @@ def common(data_dir, tmp_path):
 
 def test_short_run_lowers_validation_loss(data_dir, tmp_path):
     out = tmp_path / "run"
-    run_train(*common(data_dir, tmp_path), "--out", out, "--lr", 2e-3, "--warmup", 5, "--val-every", 0)
+    output = run_train(*common(data_dir, tmp_path), "--out", out, "--lr", 2e-3, "--warmup", 5, "--val-every", 0)
+    assert "warning: source 'qa' is in none of F2LLM's lists" in output and "'banking77'" not in output
     val = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
     assert len(val) == 2 and val[1] < 0.7 * val[0], val
     from transformers import AutoModel
@@ -52,14 +55,51 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         run_train(*args, "--out", tmp_path / "stopped", "--resume", "--lr", 2e-3)
 
 
-def test_presets_and_schedule():
+def test_presets():
     args = train.parse_args(["--size", "0.6b"])
-    assert (args.lr, args.batch_size, args.max_len, args.epochs, args.warmup) == (1e-5, 512, 1024, 2, 500)
+    assert (args.lr, args.batch_size, args.max_len, args.epochs, args.warmup, args.schedule_world) == (1e-5, 512, 1024, 2, 500, 16)
     assert (train.parse_args(["--size", "1.7b"]).lr, train.parse_args(["--size", "4b"]).lr) == (9e-6, 8e-6)
-    assert train.lr_at(0, args, 1000) == 1e-7 and train.lr_at(250, args, 1000) == 5e-6 and train.lr_at(500, args, 1000) == 1e-5
-    assert train.lr_at(999, args, 1000) == 1e-7  # the floor
+    assert (args.in_batch_grad, train.parse_args(["--size", "4b"]).schedule_world) == (False, 32)
     with pytest.raises(SystemExit):
         train.parse_args(["--task-type", "imdb=ranking"])
+
+
+def official_learning_rates(args, length, steps):
+    """What the released runs did: transformers' cosine schedule over `length` per-GPU batches, stepped once per
+    GPU per optimizer step by accelerate, and raised to min_lr after each step."""
+    from transformers import get_scheduler
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup, num_training_steps=length)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        for _ in range(args.schedule_world):
+            scheduler.step()
+        if optimizer.param_groups[0]["lr"] < args.min_lr:
+            optimizer.param_groups[0]["lr"] = args.min_lr
+    return rates
+
+
+@pytest.mark.parametrize("size", ["0.6b", "4b"])
+def test_learning_rate_is_the_released_runs(size):
+    args = train.parse_args(["--size", size])  # schedule_world 16 and 32
+    steps = 500
+    length = args.schedule_world * steps - 5  # per-GPU batches; a bit short of W x steps, as the ceilings make it
+    ours = [train.lr_at(step, args, length) for step in range(steps)]
+    assert ours == pytest.approx(official_learning_rates(args, length, steps), rel=1e-12, abs=0)
+    peak = math.ceil(500 / args.schedule_world)  # warmup ends after 32 (0.6b) or 16 (4b) optimizer steps
+    assert ours[0] == 0 and ours[peak - 1] < args.lr and ours[peak] == pytest.approx(args.lr, rel=1e-3) and ours[-1] == args.min_lr
+
+
+def test_a_runs_learning_rates_are_the_released_schedule(data_dir, tmp_path):
+    # W = 16 on a 16-query batch: one row per GPU in the released run's terms, so the length is the rows trained.
+    out = tmp_path / "run"
+    run_train(*common(data_dir, tmp_path), "--out", out, "--schedule-world", 16, "--warmup", 100, "--val-every", 0, "--stop-at", 12)
+    args = train.parse_args(["--schedule-world", "16", "--warmup", "100", "--batch-size", "16", "--epochs", "1"])
+    length = sum(len(data.heldout_split(n)[0]) for n in (400, 200))
+    logged = [r["lr"] for r in read_log(out) if "lr" in r]
+    assert len(logged) == 12 and logged == pytest.approx(official_learning_rates(args, length, 12), rel=1e-12, abs=0)
 
 
 def test_sigterm_checkpoints_the_finished_step(data_dir, tmp_path):
