@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import data
-import eval as evaluation
+import metrics
 import loss as f2llm_loss
 import model as f2llm_model
 
@@ -160,19 +160,20 @@ def row_eval():
     queries = torch.nn.functional.normalize(docs[torch.randint(0, n_docs, (n_queries,))] + 0.7 * torch.randn(n_queries, dim) / dim**0.5, dim=1)
     doc_ids, query_ids = [f"d{i}" for i in range(n_docs)], [f"q{i}" for i in range(n_queries)]
     t = time.perf_counter()
-    run = evaluation.run_from_search(*evaluation.search(queries, docs), query_ids, doc_ids)
+    found = metrics.search(queries, docs, doc_ids)
+    run = {q: found[n] for n, q in enumerate(query_ids)}
     search_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
     qrels = {q: {d: int(rng.integers(1, 3)) for d in rng.choice(list(run[q])[:50], 3, replace=False)} for q in query_ids}
     import pytrec_eval
-    ks = ",".join(map(str, evaluation.KS))
+    ks = ",".join(map(str, metrics.KS))
     t = time.perf_counter()
     ref = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{ks}", f"map_cut.{ks}", f"recall.{ks}", f"P.{ks}"}).evaluate(run)
     theirs = time.perf_counter() - t
     t = time.perf_counter()
-    ours_scores = evaluation.retrieval_metrics(qrels, run)
+    ours_scores = metrics.retrieval_metrics(qrels, run)
     ours = time.perf_counter() - t
-    same = all(abs(ours_scores[f"ndcg_at_{k}"] - round(np.mean([r[f"ndcg_cut_{k}"] for r in ref.values()]), 5)) < 1e-9 for k in evaluation.KS)
+    same = all(abs(ours_scores[f"ndcg_at_{k}"] - round(np.mean([r[f"ndcg_cut_{k}"] for r in ref.values()]), 5)) < 1e-9 for k in metrics.KS)
     return (f"evaluation, 100k docs x 1k queries: search {search_s:.1f} s; scoring ours {ours:.2f} s vs pytrec_eval {theirs:.2f} s, "
             f"identical nDCG: {same}", theirs / ours, "report")
 

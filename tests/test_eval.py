@@ -8,12 +8,9 @@ import pytest
 import pytrec_eval
 import torch
 from conftest import ROOT
-from scipy.stats import spearmanr
-from sklearn.cluster import MiniBatchKMeans
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, v_measure_score
 
 import eval as ev
+import metrics
 
 KS = (1, 3, 5, 10, 20, 100, 1000)
 
@@ -21,12 +18,12 @@ KS = (1, 3, 5, 10, 20, 100, 1000)
 def test_mteb_reference_case():
     qrels = {"0": {"0": 1, "1": 1}, "1": {"1": 1}}
     run = {"0": {"0": 1.0, "1": 0.9, "2": 0.8}, "1": {"0": 0.0, "1": 1.0, "2": 0.0}}
-    m = ev.retrieval_metrics(qrels, run, ks=(1, 2, 3))
+    m = metrics.retrieval_metrics(qrels, run, ks=(1, 2, 3))
     assert [m[f"ndcg_at_{k}"] for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
     assert [m[f"map_at_{k}"] for k in (1, 2, 3)] == [0.75, 1.0, 1.0]
     assert [m[f"recall_at_{k}"] for k in (1, 2, 3)] == [0.75, 1.0, 1.0]
     assert [m[f"precision_at_{k}"] for k in (1, 2, 3)] == [1.0, 0.75, 0.5]
-    m = ev.retrieval_metrics(qrels, run, ks=(1, 2, 3), ignore_identical_ids=True)
+    m = metrics.retrieval_metrics(qrels, run, ks=(1, 2, 3), ignore_identical_ids=True)
     assert [m[f"ndcg_at_{k}"] for k in (1, 2, 3)] == [0.5, 0.30657, 0.30657]
     assert [m[f"map_at_{k}"] for k in (1, 2, 3)] == [0.25, 0.25, 0.25]
     assert [m[f"recall_at_{k}"] for k in (1, 2, 3)] == [0.25, 0.25, 0.25]
@@ -59,82 +56,28 @@ def test_retrieval_metrics_equal_pytrec_eval(seed):
                 f"P.{','.join(map(str, KS))}", "success.1,5,10"}
     oracle = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
     for q, ref in oracle.items():
-        ours = ev.query_metrics(qrels[q], run[q])
+        ours = metrics.query_metrics(qrels[q], run[q])
         for k in KS:
             for name, trec in (("ndcg", "ndcg_cut"), ("map", "map_cut"), ("recall", "recall"), ("precision", "P")):
                 assert ours[f"{name}_at_{k}"] == pytest.approx(ref[f"{trec}_{k}"], abs=1e-6), (q, name, k)
         for k in (1, 5, 10):
             assert ours[f"hit_rate_at_{k}"] == ref[f"success_{k}"]
-    mean = ev.retrieval_metrics(qrels, run)
+    mean = metrics.retrieval_metrics(qrels, run)
     assert mean["ndcg_at_10"] == round(np.mean([r["ndcg_cut_10"] for r in oracle.values()]), 5)
     assert mean["map_at_1000"] == round(np.mean([r["map_cut_1000"] for r in oracle.values()]), 5)
 
 
-def test_mrr_at_10_and_search_by_chunks():
+def test_mrr_and_search_by_chunks():
     qrels = {"a": {"x2": 1, "x5": 2}}
     run = {"a": {"x0": 0.9, "x1": 0.5, "x2": 0.5, "x5": 0.1}}  # tie: x2 ranks before x1 (doc id descending)
-    assert ev.query_metrics(qrels["a"], run["a"])["mrr_at_10"] == 0.5
+    m = metrics.query_metrics(qrels["a"], run["a"])
+    assert (m["mrr_at_1"], m["mrr_at_3"], m["mrr_at_10"]) == (0, 0.5, 0.5)
     torch.manual_seed(0)
     q, d = torch.randn(7, 16), torch.randn(2500, 16)
-    s, i = ev.search(q, d, top_k=100, chunk=300)
-    ref_s, ref_i = (q @ d.T).topk(100, dim=1)
-    torch.testing.assert_close(s, ref_s)
-    assert torch.equal(i, ref_i)
-
-
-def test_clustering_equals_mteb_procedure():
-    rng_np = np.random.default_rng(0)
-    centers = rng_np.normal(size=(5, 8))
-    labels = [str(i % 5) for i in range(400)]
-    emb = np.stack([centers[int(lab)] + 0.8 * rng_np.normal(size=8) for lab in labels]).astype(np.float32)
-    got = ev.clustering_v_measure(lambda texts: emb[[int(t) for t in texts]], [str(i) for i in range(400)], labels, fraction=0.5)
-    # MTEB v2, written out: sample int(0.5 N) to embed, then 10 bootstrap fits on 16384 draws with replacement.
-    rng = random.Random(42)
-    keep = rng.sample(range(400), 200)
-    e, y = emb[keep], np.array([labels[i] for i in keep])
-    km = MiniBatchKMeans(n_clusters=5, batch_size=512, init="k-means++", n_init=1, random_state=42)
-    scores = []
-    for _ in range(10):
-        idx = rng.choices(range(200), k=16384)
-        km.fit(e[idx])
-        scores.append(v_measure_score(y[idx], km.predict(e[idx])))
-    assert got["v_measure"] == pytest.approx(np.mean(scores), abs=1e-12)
-    assert got["v_measure"] > 0.5
-
-
-def test_classification_equals_mteb_procedure():
-    rng_np = np.random.default_rng(1)
-    y_train, y_test = [i % 3 for i in range(90)], [i % 3 for i in range(60)]
-    x_train = rng_np.normal(size=(90, 6)) + np.eye(3, 6)[y_train] * 2
-    x_test = rng_np.normal(size=(60, 6)) + np.eye(3, 6)[y_test] * 2
-    got = ev.classification_scores(x_train, y_train, x_test, y_test)
-    state, idx, accs = np.random.RandomState(42), np.arange(90), []
-    for _ in range(10):
-        state.shuffle(idx)
-        per_label, pick = {0: 0, 1: 0, 2: 0}, []
-        for i in idx:
-            if per_label[y_train[i]] < 8:
-                per_label[y_train[i]] += 1
-                pick.append(i)
-        clf = LogisticRegression(max_iter=100, random_state=42).fit(x_train[pick], np.array(y_train)[pick])
-        accs.append((clf.predict(x_test) == np.array(y_test)).mean())
-    assert got["accuracy"] == pytest.approx(np.mean(accs), abs=1e-12)
-
-
-def test_sts_pair_classification_and_summarization():
-    rng_np = np.random.default_rng(2)
-    a, b = rng_np.normal(size=(50, 8)), rng_np.normal(size=(50, 8))
-    gold = rng_np.random(50)
-    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert ev.sts_scores(a, b, gold)["cosine_spearman"] == pytest.approx(spearmanr(gold, cos).statistic, abs=1e-9)
-    labels = (rng_np.random(50) > 0.5).astype(int)
-    ref = max(average_precision_score(labels, s) for s in (cos, (a * b).sum(1), -np.linalg.norm(a - b, axis=1), -np.abs(a - b).sum(1)))
-    assert ev.pair_classification_scores(a, b, labels)["max_ap"] == pytest.approx(ref, abs=1e-9)
-    human = [torch.nn.functional.normalize(torch.randn(2, 8), dim=1) for _ in range(3)]
-    machine = [torch.nn.functional.normalize(torch.randn(4, 8), dim=1) for _ in range(3)]
-    rel = [[1, 2, 3, 4], [2, 2, 2, 2], [4, 1, 3, 2]]  # the constant row is skipped
-    ref = np.mean([spearmanr(rel[i], (machine[i] @ human[i].T).max(1).values).statistic for i in (0, 2)])
-    assert ev.summarization_scores(human, machine, rel)["cosine_spearman"] == pytest.approx(ref, abs=1e-9)
+    ids = [f"d{i}" for i in range(2500)]
+    assert metrics.search(q, d, ids, top_k=100, chunk=300) == metrics.search(q, d, ids, top_k=100, chunk=5000)  # chunking changes nothing
+    ref_s, ref_i = metrics.cos_sim(q, d).topk(100, dim=1)
+    assert [list(r) for r in metrics.search(q, d, ids, top_k=100, chunk=300).values()] == [[ids[j] for j in row] for row in ref_i.tolist()]
 
 
 def write_retrieval_task(folder, qrels_lines):
@@ -152,14 +95,53 @@ def write_retrieval_task(folder, qrels_lines):
     ("q0\td0\t1\nq7\td1\t1\n", "test.tsv: line 3: unknown query id 'q7'"),
     ("q0\td0\thigh\n", "test.tsv: line 2: grade 'high' is not an integer"),
 ])
-def test_bad_task_files_are_named(tmp_path, qrels, message):
+def test_bad_qrels_are_named(tmp_path, qrels, message):
     with pytest.raises(ev.TaskError, match=message):
         ev.load_task(write_retrieval_task(tmp_path / "t", qrels))
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("corpus.jsonl", '{"_id": "d0", "text": "a"}\n{"_id": "d1", "text": "b"}\n{"_id": "d0", "text": "c"}\n', "corpus.jsonl: line 3: _id 'd0' repeats line 1"),
+    ("queries.jsonl", '{"_id": 1, "text": "a"}\n{"_id": "1", "text": "b"}\n', "queries.jsonl: line 2: _id '1' repeats line 1"),
+    ("corpus.jsonl", '{"_id": "d0", "text": ["a"]}\n', "corpus.jsonl: line 1: text is list, expected a string"),
+    ("queries.jsonl", b'{"_id": "q0", "text": "caf\xe9"}\n', "queries.jsonl: line 1: not UTF-8"),
+    ("task.json", '{"type": "retrieval",}', "task.json: not valid JSON"),
+    ("task.json", '{"type": "ranking"}', "task.json: expected an object whose type is one of"),
+    ("qrels/test.tsv", None, "test.tsv: missing"),
+], ids=["duplicate-doc", "duplicate-query", "non-string", "not-utf8", "bad-json", "bad-type", "no-qrels"])
+def test_bad_task_files_are_named(tmp_path, file, content, message):
+    folder = write_retrieval_task(tmp_path / "t", "q0\td0\t1\n")
+    if content is None:
+        (folder / file).unlink()
+    else:
+        (folder / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ev.TaskError, match=message) as e:
+        ev.load_task(folder)
+    assert str(folder) in str(e.value)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "task.json").write_text(json.dumps(dict(type="clustering")))
     (tmp_path / "c" / "test.jsonl").write_text('{"text": "a", "label": 1}\n{"label": 2}\n')
     with pytest.raises(ev.TaskError, match=r"test.jsonl: line 2: missing text"):
         ev.load_task(tmp_path / "c")
+
+
+def test_model_paths_that_cannot_be_a_model_are_named(tmp_path):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "config.json").write_text("{}")
+    for path, message in ((tmp_path / "run", "is a training run's folder; the model is .*checkpoint"),
+                          (tmp_path / "nothing", "no such folder"), (tmp_path, "not a Hugging Face model folder")):
+        with pytest.raises(SystemExit, match=message):
+            ev.main(["--model", str(path)])
+
+
+def test_a_model_with_non_finite_weights_is_refused(tmp_path, tiny):
+    model, tokenizer = tiny
+    state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    state["layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    model.backbone.save_pretrained(tmp_path / "nan", state_dict=state)
+    tokenizer.save_pretrained(tmp_path / "nan")
+    with pytest.raises(SystemExit, match="non-finite weights in 1 tensors"):
+        ev.main(["--model", str(tmp_path / "nan"), "--tasks", str(write_retrieval_task(tmp_path / "t", "q0\td0\t1\n"))])
 
 
 def test_texts_and_length_as_f2llms_mteb_runs_embed_them():
@@ -172,7 +154,7 @@ def test_texts_and_length_as_f2llms_mteb_runs_embed_them():
     task = dict(type="retrieval", corpus=corpus, queries=[dict(_id="q", text="add")], query_ids=["q"], doc_ids=["a", "b", "c"],
                 qrels={"q": {"a": 1}})
     ev.score_task(task, embed)
-    assert seen[0] == ["Adder def add", "padded", "bare"]
+    assert seen == [["add"], ["Adder def add", "padded", "bare"]]
     assert ev.max_len_for({"size": "0.6b", "max_len": 1024}) == ev.max_len_for(None) == ev.MAX_LEN == 8192
     assert ev.max_len_for({"size": "tiny", "max_len": 96}) == 96  # the tiny model has seen nothing longer
 
@@ -192,8 +174,8 @@ def test_cli_end_to_end(tmp_path, tiny):
     emb = lambda texts, prompt=None: ev.f2llm_model.encode(model, tokenizer, texts, prompt)
     docs = emb(["def add(a, b): return a + b", "def read(path): return open(path).read()", "class Stack: pass"])
     queries = emb(["add two numbers", "read a file"], ev.f2llm_model.query_prompt("Find the matching function"))
-    run = ev.run_from_search(*ev.search(queries, docs), ["q0", "q1"], ["d0", "d1", "d2"])
-    assert result["scores"] == ev.retrieval_metrics({"q0": {"d0": 1}, "q1": {"d1": 2}}, run)
+    found = metrics.search(queries, docs, ["d0", "d1", "d2"])
+    assert result["scores"] == metrics.retrieval_metrics({"q0": {"d0": 1}, "q1": {"d1": 2}}, {"q0": found[0], "q1": found[1]})
 
 
 def test_builtin_tasks_are_never_trained_on(tmp_path):
