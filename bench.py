@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+import builtin
 import data
 import metrics
 import loss as f2llm_loss
@@ -36,7 +37,7 @@ def timed(fn, repeats=3):
 
 
 def builtin_batches(tokenizer, queries=QUERIES, max_len=MAX_LEN):
-    folder = data.write_builtin_data(os.path.join(f2llm_model.CACHE, "stdlib-train"))
+    folder = builtin.training_data(os.path.join(f2llm_model.CACHE, "stdlib-train"))
     sources = data.load_sources(folder, tokenizer, max_len, os.path.join(f2llm_model.CACHE, "tokenized"), f2llm_model.tokenize, progress=False)
     return data.Batches(sources, queries)
 

@@ -23,10 +23,11 @@ import argparse
 import json
 import os
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import torch
 
+import builtin
 import metrics
 import model as f2llm_model
 
@@ -238,33 +239,6 @@ def evaluate(model, tokenizer, task_dirs, out=None, max_len=MAX_LEN, batch_size=
     return results
 
 
-# ---- built-in tasks: standard-library code kept out of training ------------------------------------------
-
-def builtin_tasks(folder):
-    """Code retrieval (docstring summary -> code) on the modules held out of training, and clustering (code ->
-    module) of the functions held out of the other modules: unseen code, labels seen in training, as MTEB's
-    clustering sets share their categories with F2LLM's clustering data. Modules with fewer than 3 such
-    functions are left out of the clustering."""
-    import data  # the same extraction that builds the training sources
-    retrieval, clustering = os.path.join(folder, "StdlibCodeRetrieval"), os.path.join(folder, "StdlibCodeClustering")
-    if not os.path.exists(os.path.join(clustering, "task.json")):
-        funcs = data.stdlib_functions()
-        unseen = [f for f in funcs if data.heldout(f["module"])]
-        held = [f for f in funcs if not data.heldout(f["module"]) and data.heldout(f["module"], f["name"])]
-        count = Counter(f["module"] for f in held)
-        os.makedirs(os.path.join(retrieval, "qrels"), exist_ok=True)
-        os.makedirs(clustering, exist_ok=True)
-        data.write_jsonl(os.path.join(retrieval, "corpus.jsonl"), [dict(_id=f"{f['module']}.{f['name']}#{i}", title="", text=f["code"]) for i, f in enumerate(unseen)])
-        data.write_jsonl(os.path.join(retrieval, "queries.jsonl"), [dict(_id=f"q{i}", text=f["summary"]) for i, f in enumerate(unseen)])
-        with open(os.path.join(retrieval, "qrels", "test.tsv"), "w") as f:
-            f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{g['module']}.{g['name']}#{i}\t1\n" for i, g in enumerate(unseen)))
-        data.write_jsonl(os.path.join(clustering, "test.jsonl"), [dict(text=f["code"], label=f["module"]) for f in held if count[f["module"]] >= 3])
-        json.dump(dict(type="retrieval", instruction=data.RETRIEVAL_INSTRUCTION), open(os.path.join(retrieval, "task.json"), "w"))
-        # Our task is small (a few hundred functions), so every document is embedded, not MTEB's default 4%.
-        json.dump(dict(type="clustering", instruction=data.CLUSTERING_INSTRUCTION, fraction=1.0), open(os.path.join(clustering, "task.json"), "w"))
-    return [retrieval, clustering]
-
-
 def check_model_path(path):
     """A clear error for a path that cannot be the model: missing, a run's output folder, or not a model folder."""
     looks_like_path = os.path.isabs(path) or path.startswith(".") or os.sep in path and os.path.exists(path.split(os.sep)[0])
@@ -294,7 +268,7 @@ def main(argv=None):
     model, tokenizer = f2llm_model.load(args.model, device=device)
     if broken := [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]:
         raise SystemExit(f"{args.model}: non-finite weights in {len(broken)} tensors ({broken[0]}, ...): this model cannot be scored")
-    tasks = args.tasks or builtin_tasks(os.path.join(f2llm_model.CACHE, "stdlib-eval"))
+    tasks = args.tasks or builtin.tasks(os.path.join(f2llm_model.CACHE, "stdlib-eval"))
     results = evaluate(model, tokenizer, tasks, out=args.out, max_len=args.max_len, batch_size=args.batch_size)
     width = max(len(r["task"]) for r in results)
     print(f"{'task':<{width}}  {'metric':<16} score")

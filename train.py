@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import builtin
 import data
 import eval as evaluation
 import loss as f2llm_loss
@@ -246,9 +247,9 @@ def train(args, rank, local_rank, world, device):
     for turn in (0, 1):  # rank 0 prepares files and caches, then the others read them
         if (rank == 0) == (turn == 0):
             if not args.data:
-                data.write_builtin_data(folder)
+                builtin.training_data(folder)
             if tasks is None:
-                tasks = evaluation.builtin_tasks(os.path.join(f2llm_model.CACHE, "stdlib-eval"))
+                tasks = builtin.tasks(os.path.join(f2llm_model.CACHE, "stdlib-eval"))
             sources = data.load_sources(folder, tokenizer, args.max_len, args.cache_dir, f2llm_model.tokenize, args.task_type, master)
         if world > 1:
             dist.barrier()

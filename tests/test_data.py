@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import write_source
 
+import builtin
 import data
 import model as f2llm_model
 
@@ -179,13 +180,13 @@ def test_a_missing_negative_is_replaced_by_the_rows_next_stored_one(tmp_path, to
 
 
 def test_builtin_data_takes_the_same_path(tmp_path, tokenizer):
-    folder = data.write_builtin_data(str(tmp_path / "builtin"))
+    folder = builtin.training_data(str(tmp_path / "builtin"))
     files = data.find_files(folder)
     srcs = load(files, tokenizer, tmp_path)
     assert [(s.name, s.kind) for s in srcs] == [("stdlib_code_clustering", "clustering"), ("stdlib_code_retrieval", "retrieval")]
     assert all(len(s.query) > 1000 for s in srcs)
-    modules = {f["module"] for f in data.stdlib_functions()}
-    assert any(data.heldout(m) for m in modules) and not all(data.heldout(m) for m in modules)
+    modules = {f["module"] for f in builtin.stdlib_functions()}
+    assert any(builtin.heldout(m) for m in modules) and not all(builtin.heldout(m) for m in modules)
     row = json.loads(open(files[1]).readline())
     assert row["query"].startswith("Instruct: ") and "negative_24" in row
 

@@ -9,6 +9,7 @@ import pytrec_eval
 import torch
 from conftest import ROOT
 
+import builtin
 import eval as ev
 import metrics
 
@@ -179,15 +180,14 @@ def test_cli_end_to_end(tmp_path, tiny):
 
 
 def test_builtin_tasks_are_never_trained_on(tmp_path):
-    import data
     lines = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]
-    train = data.write_builtin_data(str(tmp_path / "train"))
+    train = builtin.training_data(str(tmp_path / "train"))
     seen = set()
     for name in ("stdlib_code_retrieval", "stdlib_code_clustering"):
         for row in lines(f"{train}/{name}.jsonl"):
             seen.update(v.split("\nQuery: ", 1)[-1] for v in row.values())
-    trained = [f for f in data.stdlib_functions() if not data.heldout(f["module"]) and not data.heldout(f["module"], f["name"])]
-    retrieval, clustering = ev.builtin_tasks(str(tmp_path / "eval"))
+    trained = [f for f in builtin.stdlib_functions() if not builtin.heldout(f["module"]) and not builtin.heldout(f["module"], f["name"])]
+    retrieval, clustering = builtin.tasks(str(tmp_path / "eval"))
     corpus = [d["text"] for d in lines(f"{retrieval}/corpus.jsonl")]
     queries = [q["text"] for q in lines(f"{retrieval}/queries.jsonl")]
     rows = lines(f"{clustering}/test.jsonl")

@@ -1,0 +1,122 @@
+"""Built-in data, no download needed: the installed Python standard library as F2LLM training files and as
+evaluation tasks that training never sees.
+
+    training_data(folder)   two F2LLM sources: docstring summary -> code (retrieval), code -> module (clustering)
+    tasks(folder)           StdlibCodeRetrieval on modules held out of training, StdlibCodeClustering on functions
+                            held out of the other modules
+A stable hash decides what is held out (`heldout`), so the split is the same on every machine and Python version.
+"""
+import ast
+import json
+import os
+import random
+import sysconfig
+import zlib
+from collections import Counter
+
+RETRIEVAL_INSTRUCTION = "Given a description of a Python function or class, retrieve its code"
+CLUSTERING_INSTRUCTION = "Identify the Python standard-library module that the given code belongs to"
+SKIP_MODULES = {"test", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "tkinter", "pydoc_data", "venv"}
+
+
+def stdlib_functions():
+    """Documented public top-level functions and classes of the standard library: module, summary, code."""
+    root, out = sysconfig.get_paths()["stdlib"], []
+    for name in sorted(os.listdir(root)):
+        path, module = os.path.join(root, name), name.removesuffix(".py")
+        if module.startswith("_") or module in SKIP_MODULES:
+            continue
+        if name.endswith(".py"):
+            files = [path]
+        elif os.path.isfile(os.path.join(path, "__init__.py")):
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) if "test" not in d for f in fs if f.endswith(".py"))
+        else:
+            continue
+        for file in files:
+            try:
+                tree = ast.parse(open(file, encoding="utf-8").read())
+            except (SyntaxError, UnicodeDecodeError):
+                continue
+            for node in tree.body:
+                doc = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and ast.get_docstring(node)
+                if not doc or node.name.startswith("_"):
+                    continue
+                summary = " ".join(doc.split("\n\n")[0].split())
+                node.body = node.body[1:] or [ast.Pass()]  # the code without its docstring
+                # Long classes are cut: a few thousand characters is more than a training sequence holds anyway.
+                out.append(dict(module=module, name=node.name, summary=summary, code=ast.unparse(node)[:4000]))
+    return out
+
+
+def heldout(module, name=None):
+    """Kept out of training, for evaluation, by a hash that is stable across Python versions: about one module in
+    five (`heldout(module)`), and one function or class in five of the other modules (`heldout(module, name)`)."""
+    return zlib.crc32(module.encode() if name is None else f"{module}.{name}".encode()) % 5 == 0
+
+
+def write_jsonl(path, rows):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def training_data(folder, n_negatives=24):
+    """Training sources from the code not held out: docstring summary -> code, and code -> module."""
+    if all(os.path.exists(os.path.join(folder, f"{n}.jsonl")) for n in ("stdlib_code_retrieval", "stdlib_code_clustering")):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    funcs = [f for f in stdlib_functions() if not heldout(f["module"]) and not heldout(f["module"], f["name"])]
+    by_module = {}
+    for i, f in enumerate(funcs):
+        by_module.setdefault(f["module"], []).append(i)
+    rng = random.Random(0)
+    negative_columns = lambda texts: {f"negative_{j + 1}": t for j, t in enumerate(texts)}
+    retrieval, clustering = [], []
+    for i, f in enumerate(funcs):
+        # Hard negatives: other code of the same module first, topped up with code from other modules.
+        same = [j for j in by_module[f["module"]] if j != i]
+        rng.shuffle(same)
+        while len(same) < n_negatives:
+            j = rng.randrange(len(funcs))
+            if funcs[j]["module"] != f["module"] and j not in same:
+                same.append(j)
+        retrieval.append(dict(query=f"Instruct: {RETRIEVAL_INSTRUCTION}\nQuery: {f['summary']}", passage=f["code"],
+                              **negative_columns(funcs[j]["code"] for j in same[:n_negatives])))
+        if len(by_module[f["module"]]) > 1:
+            positive = rng.choice([j for j in by_module[f["module"]] if j != i])
+            others = set()
+            while len(others) < n_negatives:
+                j = rng.randrange(len(funcs))
+                if funcs[j]["module"] != f["module"]:
+                    others.add(j)
+            clustering.append(dict(query=f"Instruct: {CLUSTERING_INSTRUCTION}\nQuery: {f['code']}", passage=funcs[positive]["code"],
+                                   **negative_columns(funcs[j]["code"] for j in sorted(others))))
+    write_jsonl(os.path.join(folder, "stdlib_code_retrieval.jsonl"), retrieval)
+    write_jsonl(os.path.join(folder, "stdlib_code_clustering.jsonl"), clustering)
+    return folder
+
+
+def tasks(folder):
+    """Code retrieval (docstring summary -> code) on the modules held out of training, and clustering (code ->
+    module) of the functions held out of the other modules: unseen code, labels seen in training, as MTEB's
+    clustering sets share their categories with F2LLM's clustering data. Modules with fewer than 3 such
+    functions are left out of the clustering."""
+    retrieval, clustering = os.path.join(folder, "StdlibCodeRetrieval"), os.path.join(folder, "StdlibCodeClustering")
+    if not os.path.exists(os.path.join(clustering, "task.json")):
+        funcs = stdlib_functions()
+        unseen = [f for f in funcs if heldout(f["module"])]
+        held = [f for f in funcs if not heldout(f["module"]) and heldout(f["module"], f["name"])]
+        count = Counter(f["module"] for f in held)
+        os.makedirs(os.path.join(retrieval, "qrels"), exist_ok=True)
+        os.makedirs(clustering, exist_ok=True)
+        write_jsonl(os.path.join(retrieval, "corpus.jsonl"), [dict(_id=f"{f['module']}.{f['name']}#{i}", title="", text=f["code"]) for i, f in enumerate(unseen)])
+        write_jsonl(os.path.join(retrieval, "queries.jsonl"), [dict(_id=f"q{i}", text=f["summary"]) for i, f in enumerate(unseen)])
+        with open(os.path.join(retrieval, "qrels", "test.tsv"), "w") as f:
+            f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{g['module']}.{g['name']}#{i}\t1\n" for i, g in enumerate(unseen)))
+        write_jsonl(os.path.join(clustering, "test.jsonl"), [dict(text=f["code"], label=f["module"]) for f in held if count[f["module"]] >= 3])
+        json.dump(dict(type="retrieval", instruction=RETRIEVAL_INSTRUCTION), open(os.path.join(retrieval, "task.json"), "w"))
+        # Our task is small (a few hundred functions), so every document is embedded, not MTEB's default 4%.
+        json.dump(dict(type="clustering", instruction=CLUSTERING_INSTRUCTION, fraction=1.0), open(os.path.join(clustering, "task.json"), "w"))
+    return [retrieval, clustering]
