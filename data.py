@@ -57,12 +57,16 @@ def unlisted(names, overrides=None):
 
 
 def find_files(data):
-    """A folder of .parquet/.jsonl files, or a hub dataset id downloaded to a local folder first."""
+    """A folder of .parquet/.jsonl files, or a hub dataset id (owner/name), downloaded to a local folder first."""
     if not os.path.isdir(data):
-        if os.path.exists(data) or data.count("/") != 1:
-            raise DataError(f"{data}: not a folder of F2LLM files, nor a hub dataset id like codefuse-ai/F2LLM")
+        parts = data.split("/")
+        if os.path.exists(data) or len(parts) != 2 or data.startswith((".", "~")) or os.path.isdir(parts[0]) or not all(parts):
+            raise DataError(f"{data}: no such folder of F2LLM files (a hub dataset id looks like codefuse-ai/F2LLM)")
         from huggingface_hub import snapshot_download
-        data = snapshot_download(data, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl"])
+        try:
+            data = snapshot_download(data, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl"])
+        except Exception as e:
+            raise DataError(f"{data}: not a local folder, and the hub dataset could not be fetched ({type(e).__name__}: {e})") from None
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs if f.endswith((".parquet", ".jsonl")))
     if not files:
         raise DataError(f"{data}: no .parquet or .jsonl files")
@@ -76,36 +80,90 @@ def source_name(path):
     return os.path.basename(path).rsplit(".", 1)[0]
 
 
-def read_columns(path):
-    """{column: list of values}. Parquet through pyarrow; jsonl line by line with line numbers in errors."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pydict()
-    columns = None
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+def digest(path):
+    """Content hash of a file (blake2b, streamed): what identifies a data file, whatever its name or date."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer):
+    """Identifies a tokenizer by its vocabulary, rules and special ids, not by the truncation state that calls leave in
+    it (cleared here; every call of ours sets its own)."""
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    text = backend.to_str() + f"|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def check_jsonl(path):
+    """A streaming pass over a jsonl file before datasets reads it (datasets would turn a number into a string and
+    read bytes that are not UTF-8): every line an object with the first line's keys, text values only."""
+    keys = None
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {n}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {i + 1}: not valid JSON ({e})") from None
+                raise DataError(f"{path}: line {n}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}: line {i + 1}: expected a JSON object")
-            if columns is None:
-                columns = {k: [] for k in row}
-            if row.keys() != columns.keys():
-                raise DataError(f"{path}: line {i + 1}: keys {sorted(row)} differ from the first row's {sorted(columns)}")
+                raise DataError(f"{path}: line {n}: expected a JSON object")
+            keys = keys or row.keys()
+            if row.keys() != keys:
+                raise DataError(f"{path}: line {n}: keys {sorted(row)} differ from the first row's {sorted(keys)}")
             for k, v in row.items():
-                columns[k].append(v)
-    return columns or {}
-
-
-def check(path, columns, kind):
-    """Validate layout and every row; returns the number of negative columns. Errors name file, row, field."""
-    n_rows = len(next(iter(columns.values()), []))
-    if n_rows == 0:
+                if not isinstance(v, str) and not (v is None and k.startswith("negative_")):
+                    raise DataError(f"{path}: line {n}: field {k!r} is {type(v).__name__}, expected a string")
+    if keys is None:
         raise DataError(f"{path}: empty file")
+
+
+def read_rows(path, cache_dir):
+    """The file as a memory-mapped Arrow table, read by `datasets` (one dataset per file: a folder read as one would
+    merge every source's schema and lose the source name, which decides the task type)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if path.endswith(".jsonl"):
+        check_jsonl(path)
+    else:
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a parquet file ({e})") from None
+        for field in schema:
+            if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type) or pa.types.is_null(field.type)):
+                raise DataError(f"{path}: column {field.name!r} holds {field.type}, expected strings")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset("json" if path.endswith(".jsonl") else "parquet", data_files=path, split="train", cache_dir=cache_dir)
+    except Exception as e:  # an empty jsonl, a corrupt page, ...
+        raise DataError(f"{path}: could not be read ({type(e).__name__}: {e})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        datasets.enable_progress_bars()
+    return rows.data.table
+
+
+def check(path, table, kind):
+    """Validate layout and every row, batch by batch over the Arrow data; returns the number of negative columns.
+    Errors name file, row and field."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if table.num_rows == 0:
+        raise DataError(f"{path}: empty file")
+    columns = table.column_names
     negatives = sorted((c for c in columns if c.startswith("negative_")), key=lambda c: int(c[9:]) if c[9:].isdigit() else -1)
     expected = ["query", "passage"] + [f"negative_{i}" for i in range(1, len(negatives) + 1)]
     if sorted(columns) != sorted(expected):
@@ -113,74 +171,113 @@ def check(path, columns, kind):
     need = NEGATIVES[kind]
     if len(negatives) < need:
         raise DataError(f"{path}: {len(negatives)} negative columns, a {kind} source needs at least {need}")
-    for name in expected:
-        for i, value in enumerate(columns[name]):
-            if value is None and name.startswith("negative_"):
-                continue  # a missing negative is allowed as long as enough remain (checked below)
-            if not isinstance(value, str):
-                raise DataError(f"{path}: row {i}: field {name!r} is {type(value).__name__}, expected a string")
-            if not value.strip():
-                raise DataError(f"{path}: row {i}: field {name!r} is empty")
-    for i in range(n_rows):
-        have = sum(columns[c][i] is not None for c in expected[2:])
-        if have < need:
-            raise DataError(f"{path}: row {i}: {have} negatives, a {kind} source needs {need}")
+    start = 0
+    strings = pa.schema([(n, pa.large_string()) for n in expected])  # an all-null column has Arrow's null type
+    for batch in table.select(expected).cast(strings).to_batches(max_chunksize=1 << 16):
+        first = lambda mask: start + int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0]) if pc.any(mask).as_py() else None
+        have = np.zeros(batch.num_rows, dtype=np.int64)
+        for name, column in zip(expected, batch.columns):
+            valid = pc.is_valid(column)
+            if name.startswith("negative_"):
+                have += valid.to_numpy(zero_copy_only=False)
+            elif (row := first(pc.invert(valid))) is not None:
+                raise DataError(f"{path}: row {row}: field {name!r} is missing (null)")
+            if (row := first(pc.and_kleene(valid, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)))) is not None:
+                raise DataError(f"{path}: row {row}: field {name!r} is empty")
+        if (short := np.flatnonzero(have < need)).size:
+            raise DataError(f"{path}: row {start + short[0]}: {have[short[0]]} negatives, a {kind} source needs {need}")
+        start += batch.num_rows
     return len(negatives)
 
 
 @dataclass
 class Source:
-    """One tokenized source: texts are deduplicated; rows point into them (-1 = missing negative)."""
+    """One tokenized source: texts are deduplicated; rows point into them (-1 = missing negative). Token ids live in
+    the memory-mapped Arrow chunks written by datasets (values and offsets of each chunk, zero-copy)."""
     name: str
     kind: str
-    tokens: np.ndarray     # all token ids, concatenated (memory-mapped)
-    offsets: np.ndarray    # text t is tokens[offsets[t]:offsets[t + 1]]
+    chunks: list           # [(offsets, values)] per Arrow chunk of the tokenized texts
+    starts: np.ndarray     # first text index of each chunk
     query: np.ndarray      # [N] text index
     passage: np.ndarray    # [N] text index
     negatives: np.ndarray  # [N, n] text index or -1
 
     def text(self, t):
-        return self.tokens[self.offsets[t]:self.offsets[t + 1]].tolist()
+        c = int(np.searchsorted(self.starts, t, side="right")) - 1
+        offsets, values = self.chunks[c]
+        i = t - self.starts[c]
+        return values[offsets[i]:offsets[i + 1]].tolist()
+
+
+CACHE_VERSION = 2  # bump when the cache's layout or the checks change
 
 
 def load_source(path, tokenizer, max_len, cache_dir, kind, tokenize, progress=True):
-    """Check and tokenize a file once; later runs (and other ranks) read the cache written atomically."""
-    stat = os.stat(path)
-    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.eos_token_id}|{max_len}"
-    folder = os.path.join(cache_dir, f"{source_name(path)}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
-    if not os.path.exists(os.path.join(folder, "rows.npz")):
-        columns = read_columns(path)
-        n_neg = check(path, columns, kind)
-        index, texts = {}, []
-        def ids(values):
-            out = []
-            for v in values:
-                if v is None:
-                    out.append(-1)
-                    continue
-                if v not in index:
-                    index[v] = len(texts)
-                    texts.append(v)
-                out.append(index[v])
-            return np.array(out, dtype=np.int64)
-        query, passage = ids(columns["query"]), ids(columns["passage"])
-        negatives = np.stack([ids(columns[f"negative_{i}"]) for i in range(1, n_neg + 1)], 1)
-        pieces = []
-        for start in tqdm(range(0, len(texts), 4096), desc=f"tokenize {source_name(path)}", disable=not progress):
-            pieces += tokenize(tokenizer, texts[start:start + 4096], max_len)
-        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(p) for p in pieces])
-        tmp = f"{folder}.tmp{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
-        np.save(os.path.join(tmp, "tokens.npy"), np.fromiter((t for p in pieces for t in p), dtype=np.int32, count=offsets[-1]))
-        np.savez(os.path.join(tmp, "rows.npz"), offsets=offsets, query=query, passage=passage, negatives=negatives)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another rank finished first: same content
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Check a file and tokenize each of its distinct texts once; later runs (and the other ranks) read the cache.
+    The cache folder is keyed by everything that decides its content (the file's bytes, the tokenizer, the
+    length, the task type the checks ran for, the tokenizing code) and verified on load (sizes and checksums);
+    a damaged one is rebuilt, with a message naming it."""
+    from datasets.fingerprint import Hasher
+    key = Hasher.hash((digest(path), tokenizer_digest(tokenizer), max_len, kind, tokenize.__code__.co_code, CACHE_VERSION))
+    folder = os.path.join(cache_dir, f"{source_name(path)[:64]}-{key[:16]}")
+    if os.path.exists(folder) and not cache_is_sound(folder, progress):
+        shutil.rmtree(folder, ignore_errors=True)
+    if not os.path.exists(folder):
+        build_cache(path, tokenizer, max_len, cache_dir, kind, tokenize, folder, progress)
+    return open_cache(folder, source_name(path), kind)
+
+
+def build_cache(path, tokenizer, max_len, cache_dir, kind, tokenize, folder, progress):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    table = read_rows(path, os.path.join(cache_dir, "datasets"))
+    n_neg = check(path, table, kind)
+    names = ["query", "passage"] + [f"negative_{i}" for i in range(1, n_neg + 1)]
+    # Distinct texts in Arrow, never as Python strings: a text shared by many rows (negatives are) is tokenized once.
+    texts = pc.unique(pa.chunked_array([c for n in names for c in table.column(n).cast(pa.large_string()).chunks])).drop_null()
+    index = {n: pc.fill_null(pc.index_in(table.column(n).cast(pa.large_string()), value_set=texts), -1).to_numpy().astype(np.int64)
+             for n in names}  # -1: a missing negative
+    tmp = f"{folder}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+    encode = lambda batch: {"input_ids": tokenize(tokenizer, batch["text"], max_len)}
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        datasets.Dataset(datasets.table.InMemoryTable(pa.table({"text": texts}))).map(
+            encode, batched=True, batch_size=4096, remove_columns=["text"], features=features, desc=f"tokenize {source_name(path)}",
+            cache_file_name=os.path.join(tmp, "tokens.arrow"), new_fingerprint=os.path.basename(folder))
+    finally:
+        datasets.enable_progress_bars()
+    np.savez(os.path.join(tmp, "rows.npz"), query=index["query"], passage=index["passage"], negatives=np.stack([index[n] for n in names[2:]], 1))
+    files = {f: [os.path.getsize(os.path.join(tmp, f)), digest(os.path.join(tmp, f))] for f in ("tokens.arrow", "rows.npz")}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: a folder without it is incomplete
+        json.dump(dict(source=path, kind=kind, max_len=max_len, files=files), f)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another rank finished first: same content
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_is_sound(folder, progress=True):
+    try:
+        files = json.load(open(os.path.join(folder, "meta.json")))["files"]
+        bad = [f for f, (size, h) in files.items() if os.path.getsize(os.path.join(folder, f)) != size or digest(os.path.join(folder, f)) != h]
+    except (OSError, ValueError, KeyError) as e:
+        bad = [f"meta.json ({type(e).__name__})"]
+    if bad and progress:
+        print(f"tokenization cache {folder} is damaged ({', '.join(bad)} differ from what was written); rebuilding it", flush=True)
+    return not bad
+
+
+def open_cache(folder, name, kind):
+    import datasets
+    tokens = datasets.Dataset.from_file(os.path.join(folder, "tokens.arrow")).data.table.column("input_ids").chunks
+    chunks = [(c.offsets.to_numpy(), c.values.to_numpy()) for c in tokens]
+    starts = np.cumsum([0] + [len(c) for c in tokens[:-1]])
     rows = np.load(os.path.join(folder, "rows.npz"))
-    return Source(source_name(path), kind, np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r"),
-                  rows["offsets"], rows["query"], rows["passage"], rows["negatives"])
+    return Source(name, kind, chunks, starts, rows["query"], rows["passage"], rows["negatives"])
 
 
 def load_sources(data, tokenizer, max_len, cache_dir, tokenize, overrides=None, progress=True):
