@@ -212,22 +212,27 @@ class Source:
 CACHE_VERSION = 2  # bump when the cache's layout or the checks change
 
 
-def load_source(path, tokenizer, max_len, cache_dir, kind, tokenize, progress=True):
+def identify(files):
+    """What identifies each data file: its source name, size and content hash (recorded in checkpoints)."""
+    return [dict(source=source_name(f), size=os.path.getsize(f), digest=digest(f)) for f in files]
+
+
+def load_source(path, tokenizer, max_len, cache_dir, kind, tokenize, progress=True, file_digest=None):
     """Check a file and tokenize each of its distinct texts once; later runs (and the other ranks) read the cache.
     The cache folder is keyed by everything that decides its content (the file's bytes, the tokenizer, the
     length, the task type the checks ran for, the tokenizing code) and verified on load (sizes and checksums);
     a damaged one is rebuilt, with a message naming it."""
     from datasets.fingerprint import Hasher
-    key = Hasher.hash((digest(path), tokenizer_digest(tokenizer), max_len, kind, tokenize.__code__.co_code, CACHE_VERSION))
+    key = Hasher.hash((file_digest or digest(path), tokenizer_digest(tokenizer), max_len, kind, tokenize.__code__.co_code, CACHE_VERSION))
     folder = os.path.join(cache_dir, f"{source_name(path)[:64]}-{key[:16]}")
     if os.path.exists(folder) and not cache_is_sound(folder, progress):
         shutil.rmtree(folder, ignore_errors=True)
     if not os.path.exists(folder):
-        build_cache(path, tokenizer, max_len, cache_dir, kind, tokenize, folder, progress)
+        build_cache(path, tokenizer, max_len, cache_dir, kind, tokenize, folder, key, progress)
     return open_cache(folder, source_name(path), kind)
 
 
-def build_cache(path, tokenizer, max_len, cache_dir, kind, tokenize, folder, progress):
+def build_cache(path, tokenizer, max_len, cache_dir, kind, tokenize, folder, key, progress):
     import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -247,7 +252,7 @@ def build_cache(path, tokenizer, max_len, cache_dir, kind, tokenize, folder, pro
     try:
         datasets.Dataset(datasets.table.InMemoryTable(pa.table({"text": texts}))).map(
             encode, batched=True, batch_size=4096, remove_columns=["text"], features=features, desc=f"tokenize {source_name(path)}",
-            cache_file_name=os.path.join(tmp, "tokens.arrow"), new_fingerprint=os.path.basename(folder))
+            cache_file_name=os.path.join(tmp, "tokens.arrow"), new_fingerprint=key)
     finally:
         datasets.enable_progress_bars()
     np.savez(os.path.join(tmp, "rows.npz"), query=index["query"], passage=index["passage"], negatives=np.stack([index[n] for n in names[2:]], 1))

@@ -257,13 +257,13 @@ def main(argv=None):
     p.add_argument("--model", default=os.path.join("out", "checkpoint"), help="checkpoint folder, size preset or hub id")
     p.add_argument("--tasks", nargs="*", help="task folders (default: the built-in ones)")
     p.add_argument("--out", default=os.path.join("out", "eval"), help="one JSON result file per task")
-    p.add_argument("--max-len", type=int, help=f"tokens per text (default {MAX_LEN}, as F2LLM's MTEB runs; the tiny model's training length)")
+    p.add_argument("--max-len", type=int, help=f"tokens per text (default: the checkpoint's max_seq_length; {MAX_LEN}, as F2LLM's MTEB runs)")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
     check_model_path(args.model)
-    train_args = os.path.join(args.model, "train_args.json")
+    st_config = os.path.join(args.model, "sentence_bert_config.json")  # our checkpoints say how long a text they embed
     if args.max_len is None:
-        args.max_len = max_len_for(json.load(open(train_args)) if os.path.exists(train_args) else None)
+        args.max_len = json.load(open(st_config))["max_seq_length"] if os.path.exists(st_config) else MAX_LEN
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = f2llm_model.load(args.model, device=device)
     if broken := [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]:

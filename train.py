@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node=8 train.py --size 0.6b --data DIR   # the paper's recipe, 8 GPUs
     torchrun --standalone --nproc_per_node=8 train.py --size 4b --fsdp --data codefuse-ai/F2LLM
     python train.py --resume                                     # continue the run in --out exactly
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id run1 train.py --size 4b ...
 
 One step: the global batch (512 queries in the paper, all from one source) is split across ranks; each rank
 runs the gradient cache over its share in chunks of --chunk-size sequences; one all-reduce; clip; AdamW.
@@ -23,11 +24,12 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import builtin
 import data
+import checkpoint
 import eval as evaluation
 import loss as f2llm_loss
 import model as f2llm_model
@@ -46,8 +48,8 @@ PRESETS = {  # lr, global batch (queries), max length, epochs, warmup and the wo
 
 
 # what must match the checkpoint for --resume to continue the same run
-RESUME_KEYS = ("size", "model", "data", "task_type", "max_len", "lr", "min_lr", "warmup", "schedule_world", "epochs", "batch_size",
-               "weight_decay", "clip", "temperature", "in_batch_grad", "seed")
+RESUME_KEYS = ("size", "model", "random_init", "data", "task_type", "max_len", "lr", "min_lr", "warmup", "schedule_world", "epochs",
+               "batch_size", "weight_decay", "clip", "temperature", "in_batch_grad", "seed")
 
 
 def parse_args(argv=None):
@@ -75,25 +77,43 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=f2llm_loss.TEMPERATURE)
     p.add_argument("--in-batch-grad", action="store_true", help="let the in-batch term train the positives too (not the released recipe)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many steps in a row with a non-finite loss or gradient")
     # bookkeeping
-    p.add_argument("--out", default="out", help="checkpoints, log.jsonl and evaluation results")
+    p.add_argument("--out", default="out", help="training state, the model folder (out/checkpoint), log.jsonl, evaluation results")
     p.add_argument("--cache-dir", default=os.path.join(f2llm_model.CACHE, "tokenized"), help="tokenized data cache")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--val-every", type=int, help="held-out loss every N steps (preset; 0: only at the start and end)")
     p.add_argument("--eval-every", type=int, default=0, help="built-in evaluation tasks every N steps (0: before and after)")
     p.add_argument("--eval-tasks", nargs="*", help="task folders evaluated during training (default: built-in)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even though --out holds another run (it is deleted)")
     p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step, e.g. to fit a job's time limit")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard curves (out/tensorboard)")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.size].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    # Every setting that could crash after training starts, or train nothing, is refused here, before any loading.
+    for name, low in dict(batch_size=1, chunk_size=1, epochs=1, save_every=1, log_every=1, max_len=2, schedule_world=1, warmup=0,
+                          val_every=0, eval_every=0, stop_at=1, max_bad_steps=1).items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}" + (" (one text token and the EOS)" if name == "max_len" else ""))
+    for name in ("lr", "temperature", "clip"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.min_lr < 0 or args.weight_decay < 0:
+        p.error("--min-lr and --weight-decay cannot be negative")
+    if bad := [kv for kv in args.task_type if "=" not in kv]:
+        p.error(f"--task-type takes SOURCE=TYPE, got {bad}")
     args.task_type = dict(kv.split("=", 1) for kv in args.task_type)
     if bad := {k: v for k, v in args.task_type.items() if v not in data.TASK_TYPES}:
         p.error(f"--task-type: unknown types {bad}")
     if args.batch_size % args.schedule_world:
         p.error(f"--batch-size {args.batch_size} is not divisible by --schedule-world {args.schedule_world}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out; --overwrite deletes it: pick one")
+    args.data = os.path.normpath(args.data) if args.data and os.path.exists(args.data) else args.data  # dir/ == dir
     return args
 
 
@@ -127,31 +147,69 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def save(path, model, optimizer, tokenizer, step, args, rank):
-    """HF folder (AutoModel-loadable) + state.pt; written aside and swapped in, so a crash leaves the old one."""
+def save(args, model, optimizer, tokenizer, step, counters, identity, rank):
+    """The training state (atomic), then the model folder; every rank takes part in gathering the full state.
+    `identity`: the data files and the tokenizer, which --resume checks."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=full)
     optim = get_optimizer_state_dict(model, optimizer, options=full)
     if rank == 0:
-        tmp, old = path + ".tmp", path + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        backbone = weights_owner(model).backbone
-        backbone.save_pretrained(tmp, state_dict={k.removeprefix("backbone."): v for k, v in weights.items()})
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "train_args.json"), "w") as f:  # read by --resume and by eval.py (max_len)
-            json.dump(vars(args), f, indent=1)
-        torch.save(dict(optimizer=optim, step=step, rng=torch.get_rng_state(),
-                        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), os.path.join(tmp, "state.pt"))
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        settings = vars(args)
+        checkpoint.save_state(args.out, dict(model=weights, optimizer=optim, step=step, rng=torch.get_rng_state(), counters=counters,
+                                             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+                              dict(step=step, args=settings, **identity))
+        base = args.model or (f"random-init Qwen3 ({args.size})" if args.random_init or args.size == "tiny" else f2llm_model.HUB_IDS[args.size])
+        instruction = builtin.RETRIEVAL_INSTRUCTION if not args.data else checkpoint.DEFAULT_INSTRUCTION
+        length = evaluation.max_len_for(settings)
+        checkpoint.export_model(args.out, unwrap(model).backbone, {k.removeprefix("backbone."): v for k, v in weights.items()}, tokenizer,
+                                length, instruction, checkpoint.model_card(base, length, instruction, step, args.data or "the built-in data"))
     if dist.is_initialized():
         dist.barrier()
 
 
-def weights_owner(model):
+def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def prepare_out(args):
+    """Rank 0, before anything is loaded (--out is locked by now): mend what a kill left, and refuse to start over
+    another run's checkpoint (or to resume a checkpoint that is not there, or is not this run's)."""
+    checkpoint.recover(args.out)
+    summary = checkpoint.read_summary(args.out)
+    has_run = summary or os.path.exists(os.path.join(args.out, "checkpoint"))
+    if args.resume:
+        if not summary:
+            raise SystemExit(f"--resume: no training state in {args.out} (state.json, state.pt); start without --resume")
+        if changed := {k: (summary["args"].get(k), getattr(args, k)) for k in RESUME_KEYS if summary["args"].get(k) != getattr(args, k)}:
+            raise SystemExit(f"--resume: settings differ from the checkpoint's (saved, given): {changed}")
+        if args.stop_at is not None and args.stop_at <= summary["step"]:
+            raise SystemExit(f"--stop-at {args.stop_at}: the checkpoint is already at step {summary['step']}")
+    elif has_run and not args.overwrite:
+        raise SystemExit(f"{args.out} holds another run (step {summary['step'] if summary else '?'}); --resume continues it, "
+                         f"--overwrite deletes it, or pick another --out")
+    elif has_run:
+        for name in ("state.pt", "state.json", "log.jsonl"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+        for name in ("checkpoint", "eval", "tensorboard"):
+            shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
+    return summary
+
+
+def data_changes(saved, current):
+    """What differs between the data a checkpoint was trained on and the data given now, in words."""
+    old, new = {d["source"]: d for d in saved}, {d["source"]: d for d in current}
+    notes = [f"{n}: not in the data now" for n in old.keys() - new.keys()] + [f"{n}: new" for n in new.keys() - old.keys()]
+    notes += [f"{n}: content changed ({old[n]['size']:,} -> {new[n]['size']:,} bytes)" for n in old.keys() & new.keys()
+              if old[n]["digest"] != new[n]["digest"]]
+    return sorted(notes)
+
+
+def truncate_log(path, step):
+    """On resume, the log keeps the history of the run that produced the checkpoint: records past its step go."""
+    if os.path.exists(path):
+        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
+        checkpoint.write_atomic(path, lambda p: open(p, "w").writelines(kept))
 
 
 def validate(model, batches, collate, amp, args):
@@ -214,43 +272,55 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    with process_group(world, device):
+    with process_group(world, device), held(checkpoint.lock(args.out) if rank == 0 else None):
         train(args, rank, local_rank, world, device)
+
+
+@contextmanager
+def held(lock):
+    """The lock on --out for as long as the run lasts, however it ends."""
+    try:
+        yield
+    finally:
+        if lock:
+            lock.close()
 
 
 def train(args, rank, local_rank, world, device):
     master = rank == 0
     torch.manual_seed(args.seed)
     amp = lambda: f2llm_model.autocast(device)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt = os.path.join(args.out, "checkpoint")
-    state = None
-    if args.resume:
-        if not os.path.exists(os.path.join(ckpt, "state.pt")):
-            raise SystemExit(f"--resume: no checkpoint in {ckpt}")
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
-        saved = json.load(open(os.path.join(ckpt, "train_args.json")))
-        changed = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
-        if changed:
-            raise SystemExit(f"--resume: settings differ from the checkpoint's (saved, given): {changed}")
+    # ---- --out, the data files and what identifies them: rank 0 first, then everyone -----------------------------
+    folder, tasks, summary = args.data or os.path.join(f2llm_model.CACHE, "stdlib-train"), args.eval_tasks, None
+    if master:
+        summary = prepare_out(args)
+        if not args.data:
+            builtin.training_data(folder)
+        if tasks is None:
+            tasks = builtin.tasks(os.path.join(f2llm_model.CACHE, "stdlib-eval"))
+        files = data.find_files(folder)
+        if unknown := set(args.task_type) - {data.source_name(f) for f in files}:
+            raise SystemExit(f"--task-type names no source of {folder}: {sorted(unknown)}")
+        identity = data.identify(files)
+        if summary and (changes := data_changes(summary["data"], identity)):
+            raise SystemExit(f"--resume: the data differs from the checkpoint's: {'; '.join(changes)}")
+    files, identity, tasks = broadcast((files, identity, tasks) if master else None)
 
-    # ---- model: the checkpoint when resuming, else the size's Qwen3 (or --model) ------------------------------
-    name = ckpt if args.resume else (args.model or args.size)
-    model, tokenizer = f2llm_model.load(name, random_init=args.random_init, device=device, seed=args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    print0(f"model {name}: {n_params:,} parameters, {model.backbone.config._attn_implementation} attention, {world} rank(s) on {device.type}")
+    # ---- model: the size's Qwen3 (or --model); a resumed run's weights come from the training state -----------
+    model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed)
+    print0(f"model {args.model or args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+           f"{model.backbone.config._attn_implementation} attention, {world} rank(s) on {device.type}")
     collate = lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device)
+    tokenizer_id = data.tokenizer_digest(tokenizer)
+    if summary and summary["tokenizer"] != tokenizer_id:
+        raise SystemExit(f"--resume: the tokenizer of {args.model or args.size} differs from the one the checkpoint was trained with")
 
     # ---- data: checked and tokenized by rank 0 first, then read from the cache by everyone -------------------
-    folder = args.data or os.path.join(f2llm_model.CACHE, "stdlib-train")
-    tasks = args.eval_tasks
-    for turn in (0, 1):  # rank 0 prepares files and caches, then the others read them
-        if (rank == 0) == (turn == 0):
-            if not args.data:
-                builtin.training_data(folder)
-            if tasks is None:
-                tasks = builtin.tasks(os.path.join(f2llm_model.CACHE, "stdlib-eval"))
-            sources = data.load_sources(folder, tokenizer, args.max_len, args.cache_dir, f2llm_model.tokenize, args.task_type, master)
+    digests = {d["source"]: d["digest"] for d in identity}
+    for turn in (0, 1):
+        if master == (turn == 0):
+            sources = [data.load_source(f, tokenizer, args.max_len, args.cache_dir, data.task_type(data.source_name(f), args.task_type),
+                                        f2llm_model.tokenize, master, digests[data.source_name(f)]) for f in files]
         if world > 1:
             dist.barrier()
     batches = data.Batches(sources, args.batch_size, world, rank, args.seed)
@@ -271,36 +341,47 @@ def train(args, rank, local_rank, world, device):
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
-    start = 0
-    if state:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    start, counters = 0, dict(bad_in_a_row=0, bad=0)
+    if args.resume:
+        state = checkpoint.load_state(args.out)
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state["model"], options=full)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start = state["step"]
-        print0(f"resumed from {ckpt} at step {start}")
-    encoder = weights_owner(model)
+        start, counters = state["step"], state["counters"]
+        del state
+        if master:
+            truncate_log(os.path.join(args.out, "log.jsonl"), start)
+        print0(f"resumed from {args.out}/state.pt at step {start}")
+    encoder = unwrap(model)
+
+    # ---- logging: stdout, log.jsonl and TensorBoard on rank 0 ------------------------------------------------
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    curves = tensorboard(os.path.join(args.out, "tensorboard"), start) if master and not args.no_tensorboard else None
+    def write(record):
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        for tag, value in scalars(record) if curves else ():
+            curves.add_scalar(tag, value, record["step"])
 
     def run_eval(step):
         # Every rank encodes (FSDP needs all of them); rank 0 writes and prints.
         results = evaluation.evaluate(encoder, tokenizer, tasks, out=os.path.join(args.out, "eval", f"step{step}") if master else None,
                                       max_len=evaluation.max_len_for(vars(args)), progress=False)
         print0(f"eval step {step} | " + " | ".join(f"{r['task']} {r['main_score_name']} {r['main_score']:.4f}" for r in results))
-        return {r["task"]: r["main_score"] for r in results}
+        write(dict(step=step, eval={r["task"]: r["main_score"] for r in results}))
 
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    def write(record):
-        if log:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-    if start == 0 and tasks:
-        write(dict(step=0, eval=run_eval(0)))
     def run_validation(step):
         val, per_source = validate(model, batches, collate, amp, args)
         if val is not None:
             print0(f"val step {step} | loss {val:.4f} | " + " | ".join(f"{k} {v:.4f}" for k, v in per_source.items()))
             write(dict(step=step, val_loss=val, val=per_source))
     if start == 0:
+        if tasks:
+            run_eval(0)
         run_validation(0)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -318,33 +399,80 @@ def train(args, rank, local_rank, world, device):
             group["lr"] = lr
         loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, args.chunk_size, amp, args.temperature, args.in_batch_grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats = torch.tensor([loss.item(), hard.item(), ib.item(), sum(map(len, batch["seqs"])), len(batch["seqs"]), stop[0]], dtype=torch.float64)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+        # One all-reduce and one host sync per step: losses, gradient norm, token counts and the stop flag.
+        stats = torch.stack([loss, hard, ib, grad_norm.to(loss.device)]).double()
+        stats = torch.cat([stats, torch.tensor([sum(map(len, batch["seqs"])), len(batch["seqs"]), stop[0]], dtype=torch.float64, device=stats.device)])
         if world > 1:
             dist.all_reduce(stats)
-            stats[:3] /= world
+        loss_, hard_, ib_, norm, tokens, seqs, stopped = stats.tolist()
+        loss_, hard_, ib_, norm = loss_ / world, hard_ / world, ib_ / world, norm / world
         done = step + 1
-        dt, tokens_seen = time.time() - t, tokens_seen + stats[3].item()
-        if done % args.log_every == 0 or done == total:
-            eta = (time.time() - t0) / (done - start) * (total - done)
-            print0(f"step {done}/{total} | {batch['source']} | loss {stats[0]:.4f} (hard {stats[1]:.4f} in-batch {stats[2]:.4f}) | lr {lr:.2e} | "
-                   f"grad norm {grad_norm.item():.3f} | {stats[4] / dt:.1f} seq/s {stats[3] / dt:,.0f} tok/s | "
-                   f"peak mem {peak_memory_gb(device):.2f} GB | eta {eta / 60:.1f} min")
-            write(dict(step=done, source=batch["source"], loss=stats[0].item(), hard=stats[1].item(), in_batch=stats[2].item(), lr=lr,
-                       grad_norm=grad_norm.item(), seq_per_s=stats[4].item() / dt, tok_per_s=stats[3].item() / dt))
+        # A step whose loss or gradient is not finite (on any rank) changes nothing; several in a row stop the run.
+        if not (math.isfinite(loss_) and math.isfinite(norm)):
+            counters["bad_in_a_row"] += 1
+            counters["bad"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            print0(f"step {done}: non-finite loss or gradient norm ({loss_}, {norm}); skipped, weights unchanged "
+                   f"({counters['bad_in_a_row']} in a row, {counters['bad']} in all)")
+            write(dict(step=done, skipped="non-finite loss or gradient norm", bad=counters["bad"]))
+            if counters["bad_in_a_row"] >= args.max_bad_steps:
+                raise RuntimeError(f"{counters['bad_in_a_row']} steps in a row with a non-finite loss or gradient norm, up to step {done}: "
+                                   f"stopping; the last checkpoint in {args.out} is the last good state (a lower --lr may help)")
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            counters["bad_in_a_row"] = 0
+            dt, tokens_seen = time.time() - t, tokens_seen + tokens
+            if done % args.log_every == 0 or done == total:
+                eta = (time.time() - t0) / (done - start) * (total - done)
+                print0(f"step {done}/{total} | {batch['source']} | loss {loss_:.4f} (hard {hard_:.4f} in-batch {ib_:.4f}) | lr {lr:.2e} | "
+                       f"grad norm {norm:.3f} | {seqs / dt:.1f} seq/s {tokens / dt:,.0f} tok/s | peak mem {peak_memory_gb(device):.2f} GB | "
+                       f"eta {eta / 60:.1f} min")
+                write(dict(step=done, source=batch["source"], loss=loss_, hard=hard_, in_batch=ib_, lr=lr, grad_norm=norm,
+                           seq_per_s=seqs / dt, tok_per_s=tokens / dt))
         if done == total or (args.val_every and done % args.val_every == 0):
             run_validation(done)
         if tasks and (done == total or (args.eval_every and done % args.eval_every == 0)):
-            write(dict(step=done, eval=run_eval(done)))
-        stopping = done == args.stop_at or stats[5] > 0
+            run_eval(done)
+        stopping = done == args.stop_at or stopped > 0
         if done == total or done % args.save_every == 0 or stopping:
-            save(ckpt, model, optimizer, tokenizer, done, args, rank)
-            print0(f"saved {ckpt} at step {done}")
+            save(args, model, optimizer, tokenizer, done, counters, dict(data=identity, tokenizer=tokenizer_id), rank)
+            print0(f"saved {args.out}/state.pt and {args.out}/checkpoint at step {done}")
         if stopping:
             print0(f"stopped after step {done}; --resume continues")
             break
+    if curves:
+        curves.close()
     print0(f"done in {(time.time() - t0) / 60:.1f} min, {tokens_seen:,.0f} tokens")
+
+
+def broadcast(obj):
+    """Rank 0's object on every rank (itself when there is one rank)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def tensorboard(folder, start):
+    """A TensorBoard writer when tensorboard is installed; on resume, events past the checkpoint's step are dropped."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print0("TensorBoard curves off: `pip install tensorboard` to have them")
+        return None
+    return SummaryWriter(folder, purge_step=start + 1 if start else None)
+
+
+def scalars(record):
+    """The numbers of a log record as TensorBoard tags: train/loss, val/<source>, eval/<task>, ..."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from ((f"{key}/{k}", v) for k, v in value.items())
+        elif isinstance(value, (int, float)) and key != "step":
+            yield (f"val/loss" if key == "val_loss" else f"train/{key}"), value
 
 
 if __name__ == "__main__":

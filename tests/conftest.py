@@ -55,6 +55,25 @@ def torchrun(script, *args, nproc=2, timeout=TIMEOUT, check=True):
     return done.stdout
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_nodes(script, *args, nodes=2, timeout=TIMEOUT):
+    """`nodes` torchrun agents of one process each, meeting at a c10d rendezvous on this machine: a multi-node job."""
+    endpoint = f"localhost:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint={endpoint}", "--rdzv-id=test", script, *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(nodes)]
+    outputs = [a.communicate(timeout=timeout)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), "\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
 def run_train(*args, timeout=TIMEOUT):
     done = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_batch, read_log, run_train, torchrun, uncached_step, write_source
+from conftest import make_batch, read_log, run_train, torchrun, torchrun_nodes, uncached_step, write_source
 from safetensors.torch import load_file
 
 import model as f2llm_model
@@ -76,3 +76,13 @@ def test_an_error_on_one_rank_ends_the_job_with_that_error(tmp_path, common):
     root_cause = output[output.index("Root Cause"):]
     assert "rank      : 1" in root_cause and "RuntimeError: injected failure on rank 1 in step 2" in root_cause, output[-3000:]
     assert "SIGABRT" not in output and "terminate called" not in output
+
+
+def test_two_nodes_give_the_losses_of_one_process(tmp_path, common):
+    # Two agents, one process each, joined by a rendezvous endpoint as separate machines would be.
+    args = common + ["--stop-at", 3]
+    run_train(*args, "--out", tmp_path / "one")
+    torchrun_nodes("train.py", *args, "--out", tmp_path / "nodes")
+    losses = lambda out: [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses(tmp_path / "one")) == 3
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "nodes")), torch.tensor(losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)

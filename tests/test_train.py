@@ -116,4 +116,4 @@ def test_sigterm_checkpoints_the_finished_step(data_dir, tmp_path):
     assert proc.returncode == 0, output[-2000:]
     last = [json.loads(line)["step"] for line in log.open() if '"loss"' in line][-1]
     assert 2 <= last < 1800 and f"stopped after step {last}" in output
-    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == last
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == last
