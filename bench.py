@@ -1,7 +1,8 @@
 """Speed and memory figures; every row is a ratio against a baseline measured in the same run.
 
     python bench.py          # CPU rows on the tiny Qwen3 and the built-in data (a few minutes on 2 cores)
-    python bench.py --gpu    # on one CUDA GPU: the real 0.6B architecture, bf16, global batch 512, seq 512 and 1024 (--rows)
+    python bench.py --gpu    # on one CUDA GPU: the 0.6B step, each speed lever, against sentence-transformers (bench_gpu.py)
+    python bench.py --data-rows 1000000   # check + tokenize a synthetic 1M-row source: time and peak memory
 
 Rows: gradient-cache overhead, memory flat in batch size, padding of length-grouped chunks, throughput
 against sentence-transformers' CachedMultipleNegativesRankingLoss, and retrieval scoring against pytrec_eval.
@@ -179,63 +180,56 @@ def row_eval():
             f"identical nDCG: {same}", theirs / ours, "report")
 
 
-def gpu(size="0.6b", queries=512, device="cuda", rows=((512, 32), (1024, 16))):
-    """Random weights of a real architecture, bf16 autocast, AdamW step at a global batch of `queries`
-    (each with 7 hard negatives and in-batch negatives), every sequence `length` tokens, chunk sequences
-    per gradient-cache chunk. 1024 tokens with 16-sequence chunks is the 0.6b preset."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = True
-    peak_tflops = 989.0  # H100/H200 SXM, bf16 dense
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    model, tokenizer = f2llm_model.load(size, random_init=True, device=device)
-    cfg = model.backbone.config
-    n = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size  # matmul parameters
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
-    collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=device)
-    amp = lambda: f2llm_model.autocast(device)
-    g = torch.Generator().manual_seed(0)
-    for length, chunk in rows:
-        seqs = [torch.randint(0, 150_000, (length - 1,), generator=g).tolist() + [tokenizer.eos_token_id]
-                for _ in range(queries * 9)]
-        batch = dict(seqs=seqs, n_queries=queries, n_negatives=7, in_batch=True)
+def synthetic_source(path, rows, negatives=24, seed=0):
+    """An F2LLM-shaped parquet file: short queries, passages of about 60 words, 24 negatives drawn from the other
+    passages (as mined negatives are), so most texts repeat across rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(seed)
+    words = np.array([f"w{i}" for i in range(20_000)])
+    text = lambda n: [" ".join(ws) for ws in words[rng.integers(0, len(words), (rows, n))]]
+    queries, passages = text(12), text(60)
+    columns = {"query": queries, "passage": passages}
+    for j in range(1, negatives + 1):
+        columns[f"negative_{j}"] = [passages[i] for i in rng.integers(0, rows, rows)]
+    pq.write_table(pa.table(columns), path)
+    return path
 
-        def step():
-            f2llm_loss.cached_step(model, batch, collate, chunk, amp)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            seconds = timed(step, 2 if length <= 512 else 1)
-        except torch.cuda.OutOfMemoryError:
-            print(f"{name} | seq {length} | chunk {chunk} | out of memory", flush=True)
-            opt.zero_grad(set_to_none=True)
-            continue
-        tokens = len(seqs) * length
-        # QK^T and AV: 4 * heads * head_dim * (length / 2, causal) FLOPs per token and layer forward, x3 with backward
-        attention = 3 * 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * length / 2
-        flops = (6 * n + attention) * tokens  # model FLOPs: the cache's extra forward is not counted as useful work
-        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        print(f"{name} | {size} {cfg._attn_implementation} | {queries} queries x 9 seqs of {length} tokens | chunk {chunk} | "
-              f"step {seconds:.2f} s | {tokens / seconds:,.0f} tok/s | MFU {flops / seconds / (peak_tflops * 1e12):.1%} | "
-              f"hardware {flops * 4 / 3 / seconds / 1e12:.0f} TFLOP/s | peak memory {memory:.1f} GiB", flush=True)
+
+def _load_once(path, cache):
+    """In a fresh process: seconds and peak resident memory (MiB) to check and tokenize one source."""
+    model_tokenizer = f2llm_model.offline_tokenizer()
+    start = time.perf_counter()
+    source = data.load_source(path, model_tokenizer, 512, cache, "retrieval", f2llm_model.tokenize, progress=False)
+    import resource
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, len(source.query)
+
+
+def row_data(rows):
+    with tempfile.TemporaryDirectory() as folder:
+        path = synthetic_source(os.path.join(folder, "msmarco.parquet"), rows)
+        with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            seconds, peak, n = pool.apply(_load_once, (path, os.path.join(folder, "cache")))
+    return (f"data: check + tokenize a synthetic {n:,}-row source (24 negatives), {seconds:.0f} s, peak resident memory {peak / 1024:.2f} GiB",
+            None, "report")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="the GPU figures (needs CUDA)")
+    p.add_argument("--gpu", action="store_true", help="the GPU table (bench_gpu.py): each speed lever, checks first")
     p.add_argument("--size", default="0.6b", help="--gpu: architecture (random weights)")
-    p.add_argument("--queries", type=int, default=512, help="--gpu: global batch")
-    p.add_argument("--rows", nargs="+", default=["512:32", "1024:16"], metavar="LENGTH:CHUNK", help="--gpu: sequence length and chunk size per row")
+    p.add_argument("--queries", type=int, default=32, help="--gpu: queries per step (x 9 sequences)")
+    p.add_argument("--max-len", type=int, default=1024, help="--gpu: tokens of a full-length sequence")
+    p.add_argument("--chunk-size", type=int, default=16, help="--gpu: sequences per padded chunk (the 0.6b preset)")
+    p.add_argument("--chunk-tokens", type=int, default=16_384, help="--gpu: tokens per packed chunk")
     p.add_argument("--device", default="cuda", help="--gpu: cpu runs the same code as a dry run")
+    p.add_argument("--data-rows", type=int, help="only the data-loading row, on a synthetic source of this many rows (1000000: minutes)")
     args = p.parse_args()
+    if args.data_rows:
+        return print(row_data(args.data_rows)[0])
     if args.gpu:
-        return gpu(args.size, args.queries, args.device, [tuple(map(int, r.split(":"))) for r in args.rows])
+        import bench_gpu
+        return bench_gpu.run(args.size, args.queries, args.device, args.max_len, args.chunk_size, args.chunk_tokens)
     model, tokenizer = f2llm_model.load("tiny")
     batches = builtin_batches(tokenizer)
     rows = [row_cache_overhead(model, tokenizer, retrieval_batch(batches)), row_memory(), row_padding(batches),

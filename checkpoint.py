@@ -19,6 +19,9 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 EOS = "<|im_end|>"
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"  # F2LLM's MTEB wrapper
@@ -66,6 +69,35 @@ def save_state(out, state, summary):
     write_atomic(os.path.join(out, "state.json"), lambda p: json.dump(summary, open(p, "w"), indent=1))
 
 
+def save(out, model, optimizer, tokenizer, step, counters, summary, export, rank):
+    """Every rank gathers the full (unsharded, fp32) state; rank 0 writes the training state, then the model folder.
+    `summary`: settings and what identifies data and tokenizer; `export`: base, max_len, instruction, data."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=full)
+    optim = get_optimizer_state_dict(model, optimizer, options=full)
+    if rank == 0:
+        save_state(out, dict(model=weights, optimizer=optim, step=step, rng=torch.get_rng_state(), counters=counters,
+                             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), dict(step=step, **summary))
+        encoder = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        card = model_card(export["base"], export["max_len"], export["instruction"], step, export["data"])
+        export_model(out, encoder.backbone, {k.removeprefix("backbone."): v for k, v in weights.items()}, tokenizer, export["max_len"],
+                     export["instruction"], card)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def restore(out, model, optimizer, device):
+    """Weights, optimizer state and RNG from out/state.pt into a wrapped model; returns (step, counters)."""
+    state = load_state(out)
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=full)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["counters"]
+
+
 def read_summary(out):
     path = os.path.join(out, "state.json")
     return json.load(open(path)) if os.path.exists(path) else None
@@ -103,6 +135,38 @@ def recover(out):
     if not os.path.exists(folder) and os.path.exists(folder + ".old"):
         os.replace(folder + ".old", folder)
     shutil.rmtree(folder + ".old", ignore_errors=True)
+
+
+def prepare(args, resume_keys):
+    """Rank 0, before anything is loaded (--out is locked by now): mend what a kill left, and refuse to start over
+    another run's checkpoint (or to resume a checkpoint that is not there, or is not this run's)."""
+    recover(args.out)
+    summary = read_summary(args.out)
+    has_run = summary or os.path.exists(os.path.join(args.out, "checkpoint"))
+    if args.resume:
+        if not summary:
+            raise SystemExit(f"--resume: no training state in {args.out} (state.json, state.pt); start without --resume")
+        if changed := {k: (summary["args"].get(k), getattr(args, k)) for k in resume_keys if summary["args"].get(k) != getattr(args, k)}:
+            raise SystemExit(f"--resume: settings differ from the checkpoint's (saved, given): {changed}")
+        if args.stop_at is not None and args.stop_at <= summary["step"]:
+            raise SystemExit(f"--stop-at {args.stop_at}: the checkpoint is already at step {summary['step']}")
+    elif has_run and not args.overwrite:
+        raise SystemExit(f"{args.out} holds another run (step {summary['step'] if summary else '?'}); --resume continues it, "
+                         f"--overwrite deletes it, or pick another --out")
+    elif has_run:
+        for name in ("state.pt", "state.json", "log.jsonl"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+        for name in ("checkpoint", "eval", "tensorboard"):
+            shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
+    return summary
+
+
+def truncate_log(path, step):
+    """On resume, the log keeps the history of the run that produced the checkpoint: records past its step go."""
+    if os.path.exists(path):
+        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
+        write_atomic(path, lambda p: open(p, "w").writelines(kept))
 
 
 def save_tokenizer(tokenizer, folder, max_len):

@@ -285,6 +285,15 @@ def open_cache(folder, name, kind):
     return Source(name, kind, chunks, starts, rows["query"], rows["passage"], rows["negatives"])
 
 
+def changes(saved, current):
+    """What differs between the data a checkpoint was trained on and the data given now, in words."""
+    old, new = {d["source"]: d for d in saved}, {d["source"]: d for d in current}
+    notes = [f"{n}: not in the data now" for n in old.keys() - new.keys()] + [f"{n}: new" for n in new.keys() - old.keys()]
+    notes += [f"{n}: content changed ({old[n]['size']:,} -> {new[n]['size']:,} bytes)" for n in old.keys() & new.keys()
+              if old[n]["digest"] != new[n]["digest"]]
+    return sorted(notes)
+
+
 def load_sources(data, tokenizer, max_len, cache_dir, tokenize, overrides=None, progress=True):
     """Every source of a folder (or hub id), typed by name, checked and tokenized (cached)."""
     return [load_source(f, tokenizer, max_len, cache_dir, task_type(source_name(f), overrides), tokenize, progress)

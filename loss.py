@@ -104,6 +104,32 @@ def chunk_by_length(seqs, chunk_size):
     return [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
 
 
+def chunk_by_tokens(seqs, chunk_tokens, device="cpu"):
+    """Index lists of the sequences packed into each chunk: as many as chunk_tokens tokens hold (a longer
+    sequence alone). Every rank gets the same number of chunks, because under FSDP a forward is a collective:
+    where a rank has fewer, its largest chunks are split (one small all-reduce)."""
+    chunks, used = [[]], 0
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        if chunks[-1] and used + len(seqs[i]) > chunk_tokens:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += len(seqs[i])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        most = torch.tensor(len(chunks), device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        while len(chunks) < most.item():
+            big = max((c for c in chunks if len(c) > 1), key=lambda c: sum(len(seqs[i]) for i in c))
+            chunks.remove(big)
+            chunks += [big[:len(big) // 2], big[len(big) // 2:]]
+    return chunks
+
+
+def make_chunks(seqs, chunk_size=None, chunk_tokens=None, device="cpu"):
+    """Padded chunks of chunk_size sequences, or packed chunks of chunk_tokens tokens (collate with model.pack)."""
+    return chunk_by_tokens(seqs, chunk_tokens, device) if chunk_tokens else chunk_by_length(seqs, chunk_size)
+
+
 def _rng_state(device):
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
@@ -114,16 +140,16 @@ def _restore_rng(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def cached_step(model, batch, collate, chunk_size, amp=nullcontext, temperature=TEMPERATURE, in_batch_grad=False):
+def cached_step(model, batch, collate, chunk_size=None, amp=nullcontext, temperature=TEMPERATURE, in_batch_grad=False, chunk_tokens=None):
     """Forward + backward of one batch through the gradient cache; returns (loss, hard, in_batch) detached.
 
     batch: dict(seqs=[queries..., then per query positive + n negatives], n_queries, n_negatives, in_batch).
-    collate(list of token lists) -> (input_ids, attention_mask) on the model's device.
-    Every rank must hold the same number of sequences so every rank runs the same number of chunks.
+    collate(list of token lists) -> the model's inputs on its device: model.pad for chunks of chunk_size
+    sequences, model.pack for chunks of chunk_tokens tokens. Every rank runs the same number of chunks.
     """
     seqs = batch["seqs"]
-    chunks = chunk_by_length(seqs, chunk_size)
     device = next(model.parameters()).device
+    chunks = make_chunks(seqs, chunk_size, chunk_tokens, device)
     emb, states = None, []
     with torch.no_grad():
         for idx in chunks:
@@ -146,3 +172,26 @@ def cached_step(model, batch, collate, chunk_size, amp=nullcontext, temperature=
                 e = model(*collate([seqs[i] for i in idx]))
             e.float().backward(grad[idx])
     return loss.detach(), hard, ib
+
+
+def heldout_loss(model, batches, collate, amp, chunk_size, chunk_tokens, temperature=TEMPERATURE):
+    """Mean held-out loss per source, the same on any number of ranks: each rank embeds its shard of a held-out
+    global batch, the shards are gathered, and the loss is computed on the whole batch."""
+    sums = {}
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            emb = None
+            for idx in make_chunks(b["seqs"], chunk_size, chunk_tokens, next(model.parameters()).device):
+                with amp():
+                    e = model(*collate([b["seqs"][i] for i in idx])).float()
+                emb = torch.empty(len(b["seqs"]), e.shape[1], device=e.device) if emb is None else emb
+                emb[idx] = e
+            q, p, negs = (gather(x)[0] for x in split_embeddings(emb, b["n_queries"], b["n_negatives"]))
+            loss = f2llm_loss(q, p, negs, b["in_batch"], temperature, gather_ranks=False)[0]
+            total = sums.setdefault(b["source"], [0.0, 0])
+            total[0] += loss.item()
+            total[1] += 1
+    model.train()
+    per_source = {name: s / n for name, (s, n) in sums.items()}
+    return (sum(per_source.values()) / len(per_source) if per_source else None), per_source

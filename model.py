@@ -81,14 +81,21 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, input_ids, attention_mask):
-        # Positions count real tokens only, so left and right padding give the same rotary angles.
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, ends=None):
+        """A padded batch (input_ids, attention_mask), or sequences packed into one row (input_ids [1, T],
+        position_ids restarting at 0 for each sequence, ends = each sequence's last index): no padding computed.
+        For a packed row transformers builds an attention that stops at sequence boundaries from the position ids
+        (a block mask for sdpa and flex attention, variable-length kernels for flash attention)."""
+        if attention_mask is not None:
+            # Positions count real tokens only, so left and right padding give the same rotary angles.
+            position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+            # The last real token is the appended EOS; find it from the mask, never from ids (eos may equal pad).
+            ends = attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        else:
+            rows = torch.zeros_like(ends)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-        # The last real token is the appended EOS; find it from the mask, never from ids (eos may equal pad).
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return F.normalize(pooled.float(), dim=-1)
+        return F.normalize(hidden[rows, ends].float(), dim=-1)
 
 
 def load(name="tiny", random_init=False, device="cpu", seed=0):
@@ -132,6 +139,15 @@ def autocast(device):
     """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU."""
     device = torch.device(device)
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def pack(seqs, device="cpu"):
+    """Sequences concatenated into one row: (input_ids [1, T], None, position_ids [1, T], ends [n])."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()])[None]
+    ends = lengths.cumsum(0) - 1
+    return input_ids.to(device), None, position_ids.to(device), ends.to(device)
 
 
 @torch.no_grad()

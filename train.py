@@ -19,12 +19,10 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import builtin
@@ -49,7 +47,7 @@ PRESETS = {  # lr, global batch (queries), max length, epochs, warmup and the wo
 
 # what must match the checkpoint for --resume to continue the same run
 RESUME_KEYS = ("size", "model", "random_init", "data", "task_type", "max_len", "lr", "min_lr", "warmup", "schedule_world", "epochs",
-               "batch_size", "weight_decay", "clip", "temperature", "in_batch_grad", "seed")
+               "batch_size", "weight_decay", "clip", "temperature", "in_batch_grad", "precision", "seed")
 
 
 def parse_args(argv=None):
@@ -59,6 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--model", help="local Hugging Face folder or hub id instead of the size's Qwen3 checkpoint")
     p.add_argument("--random-init", action="store_true", help="the size's architecture with random weights, no download")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer (FSDP2) for models too big for DDP")
+    cuda = torch.cuda.is_available()
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32",
+                   help="bf16: bf16 weights for compute over fp32 master weights and optimizer (FSDP2's mixed precision, the released "
+                        "run's arithmetic; default on GPUs); fp32: fp32 weights, bf16 autocast on GPUs (default on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda, help="torch.compile each decoder layer (default on GPUs)")
+    p.add_argument("--liger", action="store_true", help="liger-kernel's fused Qwen3 kernels (RMSNorm, RoPE, SwiGLU; GPUs, liger-kernel installed)")
     # data
     p.add_argument("--data", help="folder of F2LLM .parquet/.jsonl files or hub id codefuse-ai/F2LLM (default: built-in)")
     p.add_argument("--task-type", action="append", default=[], metavar="SOURCE=TYPE", help=f"override a source's task type ({', '.join(data.TASK_TYPES)})")
@@ -72,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="passes over every source (preset)")
     p.add_argument("--batch-size", type=int, help="global batch in queries, over all ranks (preset)")
     p.add_argument("--chunk-size", type=int, help="sequences per gradient-cache chunk (preset): sets memory, not the result")
+    p.add_argument("--chunk-tokens", type=int, help="pack each chunk's sequences into one row of at most this many tokens, no padding "
+                   "computed (replaces --chunk-size)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--temperature", type=float, default=f2llm_loss.TEMPERATURE)
@@ -95,7 +101,7 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     # Every setting that could crash after training starts, or train nothing, is refused here, before any loading.
-    for name, low in dict(batch_size=1, chunk_size=1, epochs=1, save_every=1, log_every=1, max_len=2, schedule_world=1, warmup=0,
+    for name, low in dict(batch_size=1, chunk_size=1, chunk_tokens=1, epochs=1, save_every=1, log_every=1, max_len=2, schedule_world=1, warmup=0,
                           val_every=0, eval_every=0, stop_at=1, max_bad_steps=1).items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}" + (" (one text token and the EOS)" if name == "max_len" else ""))
@@ -147,93 +153,40 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def save(args, model, optimizer, tokenizer, step, counters, identity, rank):
-    """The training state (atomic), then the model folder; every rank takes part in gathering the full state.
-    `identity`: the data files and the tokenizer, which --resume checks."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=full)
-    optim = get_optimizer_state_dict(model, optimizer, options=full)
-    if rank == 0:
-        settings = vars(args)
-        checkpoint.save_state(args.out, dict(model=weights, optimizer=optim, step=step, rng=torch.get_rng_state(), counters=counters,
-                                             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
-                              dict(step=step, args=settings, **identity))
-        base = args.model or (f"random-init Qwen3 ({args.size})" if args.random_init or args.size == "tiny" else f2llm_model.HUB_IDS[args.size])
-        instruction = builtin.RETRIEVAL_INSTRUCTION if not args.data else checkpoint.DEFAULT_INSTRUCTION
-        length = evaluation.max_len_for(settings)
-        checkpoint.export_model(args.out, unwrap(model).backbone, {k.removeprefix("backbone."): v for k, v in weights.items()}, tokenizer,
-                                length, instruction, checkpoint.model_card(base, length, instruction, step, args.data or "the built-in data"))
-    if dist.is_initialized():
-        dist.barrier()
+def export_args(args):
+    """What the model folder says of itself: base model, embedding length, query instruction, a model card."""
+    base = args.model or (f"random-init Qwen3 ({args.size})" if args.random_init or args.size == "tiny" else f2llm_model.HUB_IDS[args.size])
+    instruction = builtin.RETRIEVAL_INSTRUCTION if not args.data else checkpoint.DEFAULT_INSTRUCTION
+    return dict(base=base, max_len=evaluation.max_len_for(vars(args)), instruction=instruction, data=args.data or "the built-in data")
 
 
 def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def prepare_out(args):
-    """Rank 0, before anything is loaded (--out is locked by now): mend what a kill left, and refuse to start over
-    another run's checkpoint (or to resume a checkpoint that is not there, or is not this run's)."""
-    checkpoint.recover(args.out)
-    summary = checkpoint.read_summary(args.out)
-    has_run = summary or os.path.exists(os.path.join(args.out, "checkpoint"))
-    if args.resume:
-        if not summary:
-            raise SystemExit(f"--resume: no training state in {args.out} (state.json, state.pt); start without --resume")
-        if changed := {k: (summary["args"].get(k), getattr(args, k)) for k in RESUME_KEYS if summary["args"].get(k) != getattr(args, k)}:
-            raise SystemExit(f"--resume: settings differ from the checkpoint's (saved, given): {changed}")
-        if args.stop_at is not None and args.stop_at <= summary["step"]:
-            raise SystemExit(f"--stop-at {args.stop_at}: the checkpoint is already at step {summary['step']}")
-    elif has_run and not args.overwrite:
-        raise SystemExit(f"{args.out} holds another run (step {summary['step'] if summary else '?'}); --resume continues it, "
-                         f"--overwrite deletes it, or pick another --out")
-    elif has_run:
-        for name in ("state.pt", "state.json", "log.jsonl"):
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
-        for name in ("checkpoint", "eval", "tensorboard"):
-            shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
-    return summary
-
-
-def data_changes(saved, current):
-    """What differs between the data a checkpoint was trained on and the data given now, in words."""
-    old, new = {d["source"]: d for d in saved}, {d["source"]: d for d in current}
-    notes = [f"{n}: not in the data now" for n in old.keys() - new.keys()] + [f"{n}: new" for n in new.keys() - old.keys()]
-    notes += [f"{n}: content changed ({old[n]['size']:,} -> {new[n]['size']:,} bytes)" for n in old.keys() & new.keys()
-              if old[n]["digest"] != new[n]["digest"]]
-    return sorted(notes)
-
-
-def truncate_log(path, step):
-    """On resume, the log keeps the history of the run that produced the checkpoint: records past its step go."""
-    if os.path.exists(path):
-        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
-        checkpoint.write_atomic(path, lambda p: open(p, "w").writelines(kept))
-
-
-def validate(model, batches, collate, amp, args):
-    """Mean held-out loss per source, the same on any number of ranks: each rank embeds its shard of a held-out
-    global batch, the shards are gathered, and the loss is computed on the whole batch."""
-    sums = {}
-    model.eval()
-    with torch.no_grad():
-        for b in batches.validation():
-            with amp():
-                emb = torch.cat([model(*collate(b["seqs"][i:i + args.chunk_size])) for i in range(0, len(b["seqs"]), args.chunk_size)])
-            parts = f2llm_loss.split_embeddings(emb.float(), b["n_queries"], b["n_negatives"])
-            q, p, negs = (f2llm_loss.gather(x)[0] for x in parts)
-            loss = f2llm_loss.f2llm_loss(q, p, negs, b["in_batch"], args.temperature, gather_ranks=False)[0]
-            total = sums.setdefault(b["source"], [0.0, 0])
-            total[0] += loss.item()
-            total[1] += 1
-    model.train()
-    per_source = {name: s / n for name, (s, n) in sums.items()}
-    return (sum(per_source.values()) / len(per_source) if per_source else None), per_source
+def parallelize(model, args, world, local_rank, device):
+    """Speed and data parallelism as plain functions on the plain model, each switched by one flag: liger's fused
+    Qwen3 kernels, torch.compile per decoder layer, then FSDP2 (bf16 compute over fp32 master weights, reductions
+    in fp32, on any number of ranks; or sharding for size) or DDP (fp32 weights)."""
+    if args.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+        apply_liger_kernel_to_qwen3(model=model.backbone)
+    if args.compile:
+        for layer in model.backbone.layers:
+            layer.compile(dynamic=True)  # packed chunks change length every time
+    if args.precision == "bf16" or args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.precision == "bf16" else MixedPrecisionPolicy()
+        for layer in model.backbone.layers:
+            fully_shard(layer, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
+    if world > 1:  # rotary buffers are constants: no broadcast, so a forward is never a collective
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    return model
 
 
 @contextmanager
-def process_group(world, device):
+def process_group(world, device, needed=False):
     """The process group of a torchrun job, and the one way out of it: a torchrun worker ends here.
 
     Why it ends with os._exit: gloo's worker threads release each finished collective a moment after the caller
@@ -247,10 +200,14 @@ def process_group(world, device):
     Everything the run writes is flushed or closed before this point. On an error there is no barrier (the
     other ranks would never reach it): the exception ends this rank, its peers' next collective fails on the
     closed connection, and torchrun reports this rank's error as the root cause."""
-    if world == 1:
+    if world == 1 and not needed:
         yield
         return
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world == 1:  # FSDP2 on one process (--precision bf16) still wants a process group
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)
     try:
         yield
     except BaseException:
@@ -272,28 +229,18 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    with process_group(world, device), held(checkpoint.lock(args.out) if rank == 0 else None):
+    with process_group(world, device, args.precision == "bf16" or args.fsdp), checkpoint.lock(args.out) if rank == 0 else nullcontext():  # --out is this run's alone
         train(args, rank, local_rank, world, device)
-
-
-@contextmanager
-def held(lock):
-    """The lock on --out for as long as the run lasts, however it ends."""
-    try:
-        yield
-    finally:
-        if lock:
-            lock.close()
 
 
 def train(args, rank, local_rank, world, device):
     master = rank == 0
     torch.manual_seed(args.seed)
-    amp = lambda: f2llm_model.autocast(device)
+    amp = (lambda: f2llm_model.autocast(device)) if args.precision == "fp32" else nullcontext  # bf16: the weights are bf16 already
     # ---- --out, the data files and what identifies them: rank 0 first, then everyone -----------------------------
     folder, tasks, summary = args.data or os.path.join(f2llm_model.CACHE, "stdlib-train"), args.eval_tasks, None
     if master:
-        summary = prepare_out(args)
+        summary = checkpoint.prepare(args, RESUME_KEYS)
         if not args.data:
             builtin.training_data(folder)
         if tasks is None:
@@ -302,7 +249,7 @@ def train(args, rank, local_rank, world, device):
         if unknown := set(args.task_type) - {data.source_name(f) for f in files}:
             raise SystemExit(f"--task-type names no source of {folder}: {sorted(unknown)}")
         identity = data.identify(files)
-        if summary and (changes := data_changes(summary["data"], identity)):
+        if summary and (changes := data.changes(summary["data"], identity)):
             raise SystemExit(f"--resume: the data differs from the checkpoint's: {'; '.join(changes)}")
     files, identity, tasks = broadcast((files, identity, tasks) if master else None)
 
@@ -310,7 +257,7 @@ def train(args, rank, local_rank, world, device):
     model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed)
     print0(f"model {args.model or args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, "
            f"{model.backbone.config._attn_implementation} attention, {world} rank(s) on {device.type}")
-    collate = lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device)
+    collate = (lambda seqs: f2llm_model.pack(seqs, device)) if args.chunk_tokens else (lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device))
     tokenizer_id = data.tokenizer_digest(tokenizer)
     if summary and summary["tokenizer"] != tokenizer_id:
         raise SystemExit(f"--resume: the tokenizer of {args.model or args.size} differs from the one the checkpoint was trained with")
@@ -332,28 +279,14 @@ def train(args, rank, local_rank, world, device):
                f"official code trains it with hard negatives only; --task-type {name}=clustering does that")
     print0(f"{total} steps: {args.epochs} epoch(s) x {batches.steps_per_epoch}, global batch {args.batch_size} queries")
 
-    # ---- wrap for data parallelism, optimizer, resume ---------------------------------------------------------
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.backbone.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    # ---- speed, data parallelism, optimizer, resume -------------------------------------------------------------
+    model = parallelize(model, args, world, local_rank, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     start, counters = 0, dict(bad_in_a_row=0, bad=0)
     if args.resume:
-        state = checkpoint.load_state(args.out)
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, state["model"], options=full)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start, counters = state["step"], state["counters"]
-        del state
+        start, counters = checkpoint.restore(args.out, model, optimizer, device)
         if master:
-            truncate_log(os.path.join(args.out, "log.jsonl"), start)
+            checkpoint.truncate_log(os.path.join(args.out, "log.jsonl"), start)
         print0(f"resumed from {args.out}/state.pt at step {start}")
     encoder = unwrap(model)
 
@@ -375,7 +308,7 @@ def train(args, rank, local_rank, world, device):
         write(dict(step=step, eval={r["task"]: r["main_score"] for r in results}))
 
     def run_validation(step):
-        val, per_source = validate(model, batches, collate, amp, args)
+        val, per_source = f2llm_loss.heldout_loss(model, batches.validation(), collate, amp, args.chunk_size, args.chunk_tokens, args.temperature)
         if val is not None:
             print0(f"val step {step} | loss {val:.4f} | " + " | ".join(f"{k} {v:.4f}" for k, v in per_source.items()))
             write(dict(step=step, val_loss=val, val=per_source))
@@ -397,7 +330,7 @@ def train(args, rank, local_rank, world, device):
         lr = lr_at(step, args, length)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, args.chunk_size, amp, args.temperature, args.in_batch_grad)
+        loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, args.chunk_size, amp, args.temperature, args.in_batch_grad, args.chunk_tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         # One all-reduce and one host sync per step: losses, gradient norm, token counts and the stop flag.
@@ -437,7 +370,8 @@ def train(args, rank, local_rank, world, device):
             run_eval(done)
         stopping = done == args.stop_at or stopped > 0
         if done == total or done % args.save_every == 0 or stopping:
-            save(args, model, optimizer, tokenizer, done, counters, dict(data=identity, tokenizer=tokenizer_id), rank)
+            checkpoint.save(args.out, model, optimizer, tokenizer, done, counters, dict(args=vars(args), data=identity, tokenizer=tokenizer_id),
+                            export_args(args), rank)
             print0(f"saved {args.out}/state.pt and {args.out}/checkpoint at step {done}")
         if stopping:
             print0(f"stopped after step {done}; --resume continues")

@@ -1,8 +1,10 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import make_batch, uncached_step
+from conftest import ROOT, TIMEOUT, make_batch, uncached_step
 
 import loss as f2llm_loss
 import model as f2llm_model
@@ -80,3 +82,42 @@ def test_gradient_cache_equals_uncached(tiny, chunk_size, kind):
         torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
     assert scale > 0
     model.zero_grad()
+
+
+@pytest.mark.parametrize("chunk_tokens", [40, 150, 10_000])
+def test_packed_chunks_equal_padded(tiny, chunk_tokens):
+    # Sequences packed into one row, attention stopped at their boundaries: the same embeddings and gradients as
+    # padded batches (fp32), under the gradient cache, for token budgets that split the batch unevenly or not at all.
+    model, tokenizer = tiny
+    batch = make_batch(tokenizer, 5, 3, True)
+    model.zero_grad()
+    ref_loss = uncached_step(model, batch, lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id))
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = f2llm_loss.cached_step(model, batch, f2llm_model.pack, chunk_tokens=chunk_tokens)[0]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    scale = max(g.abs().max().item() for g in ref.values())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
+    with torch.no_grad():
+        packed = model(*f2llm_model.pack(batch["seqs"]))
+        padded = model(*f2llm_model.pad(batch["seqs"], tokenizer.pad_token_id))
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    model.zero_grad()
+
+
+def test_gradient_cache_under_bf16_mixed_precision(tmp_path):
+    # FSDP2 with bf16 weights for compute (fp32 masters): the no-grad forward and the re-forward of each chunk give
+    # identical embeddings, so the cache stays exact; against one plain bf16 pass (other padding, other bf16
+    # rounding) every gradient agrees to 2% of the largest.
+    torchrun_free = subprocess.run([sys.executable, "tests/precision_worker.py", tmp_path / "bf16.pt"], cwd=ROOT, capture_output=True,
+                                   text=True, timeout=TIMEOUT)
+    assert torchrun_free.returncode == 0, torchrun_free.stderr[-3000:]
+    saved = torch.load(tmp_path / "bf16.pt")
+    assert saved["dtype"] == "torch.float32"  # the sharded masters; compute is bf16
+    forwards = saved["forwards"]
+    half = len(forwards) // 2
+    assert half == 4 and all(torch.equal(a, b) for a, b in zip(forwards[:half], forwards[half:]))
+    scale = max(g.abs().max().item() for g in saved["plain"].values())
+    for n, g in saved["cached"].items():
+        torch.testing.assert_close(g, saved["plain"][n], atol=2e-2 * scale, rtol=0, msg=n)
