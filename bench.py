@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import builtin
+import checkpoint
 import data
 import metrics
 import loss as f2llm_loss
@@ -214,6 +215,32 @@ def row_data(rows):
             None, "report")
 
 
+def row_mining(n_pairs):
+    """Rows per second mined (embedding included) on the built-in pairs with the tiny model, ours against
+    sentence-transformers' mine_hard_negatives with the same model, thresholds and corpus."""
+    import mine
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+    funcs = builtin.stdlib_functions()[:n_pairs]
+    queries, positives = [f["summary"] for f in funcs], [f["code"] for f in funcs]
+    model, tokenizer = f2llm_model.load("tiny")
+    prompt = f2llm_model.query_prompt(builtin.RETRIEVAL_INSTRUCTION)
+    settings = dict(range_min=5, range_max=100, max_score=0.8, relative_margin=0.05)
+    t = time.perf_counter()
+    rows, _ = mine.mine_retrieval(queries, positives, None, mine.embedder(model, tokenizer, "tiny", MAX_LEN, 32, None), prompt, **settings)
+    ours = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint.export_model(folder, model.backbone, model.backbone.state_dict(), tokenizer, MAX_LEN, builtin.RETRIEVAL_INSTRUCTION, "")
+        st = SentenceTransformer(os.path.join(folder, "checkpoint"), device="cpu")
+        t = time.perf_counter()
+        theirs_rows = mine_hard_negatives(Dataset.from_dict(dict(query=queries, positive=positives)), st, query_prompt=prompt, num_negatives=24,
+                                          output_format="n-tuple", verbose=False, **settings)
+        theirs = time.perf_counter() - t
+    return (f"mining {len(queries):,} pairs with the tiny model: ours {len(queries) / ours:.0f} pairs/s ({len(rows)} rows kept) vs "
+            f"sentence-transformers mine_hard_negatives {len(queries) / theirs:.0f} pairs/s ({len(theirs_rows)} kept)", theirs / ours, "report")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the GPU table (bench_gpu.py): each speed lever, checks first")
@@ -223,8 +250,11 @@ def main():
     p.add_argument("--chunk-size", type=int, default=16, help="--gpu: sequences per padded chunk (the 0.6b preset)")
     p.add_argument("--chunk-tokens", type=int, default=16_384, help="--gpu: tokens per packed chunk")
     p.add_argument("--device", default="cuda", help="--gpu: cpu runs the same code as a dry run")
+    p.add_argument("--mine", type=int, metavar="PAIRS", help="only the mining row, on this many built-in pairs")
     p.add_argument("--data-rows", type=int, help="only the data-loading row, on a synthetic source of this many rows (1000000: minutes)")
     args = p.parse_args()
+    if args.mine:
+        return print(row_mining(args.mine)[0])
     if args.data_rows:
         return print(row_data(args.data_rows)[0])
     if args.gpu:

@@ -46,14 +46,17 @@ def task_type(source, overrides=None):
         return overrides[source]
     if source in BUILTIN:
         return BUILTIN[source]
-    return "classification" if source in CLASSIFICATION else "clustering" if source in CLUSTERING else "retrieval"
+    if source in CLASSIFICATION or source.endswith("_classification"):  # the suffix: how mine.py names its files
+        return "classification"
+    return "clustering" if source in CLUSTERING or source.endswith("_clustering") else "retrieval"
 
 
 def unlisted(names, overrides=None):
     """Sources in none of the official lists and not typed by --task-type. We train them as retrieval; the
     official code gives its in-batch term to listed retrieval names only, so it trained them with hard negatives
     alone (as clustering)."""
-    return [n for n in names if n not in {*CLASSIFICATION, *CLUSTERING, *RETRIEVAL, *BUILTIN, *(overrides or {})}]
+    return [n for n in names if n not in {*CLASSIFICATION, *CLUSTERING, *RETRIEVAL, *BUILTIN, *(overrides or {})}
+            and not n.endswith(("_classification", "_clustering"))]
 
 
 def find_files(data):
