@@ -102,30 +102,38 @@ def tokenizer_digest(tokenizer):
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def check_jsonl(path):
-    """A streaming pass over a jsonl file before datasets reads it (datasets would turn a number into a string and
-    read bytes that are not UTF-8): every line an object with the first line's keys, text values only."""
-    keys = None
+def json_lines(path, error=None):
+    """(line number, object) for each non-blank line of a jsonl file; a line that is not UTF-8, not JSON or not an
+    object raises `error` (DataError by default) naming the file and the line."""
+    error = error or DataError
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {n}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
+                raise error(f"{path}: line {n}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n}: not valid JSON ({e})") from None
+                raise error(f"{path}: line {n}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}: line {n}: expected a JSON object")
-            keys = keys or row.keys()
-            if row.keys() != keys:
-                raise DataError(f"{path}: line {n}: keys {sorted(row)} differ from the first row's {sorted(keys)}")
-            for k, v in row.items():
-                if not isinstance(v, str) and not (v is None and k.startswith("negative_")):
-                    raise DataError(f"{path}: line {n}: field {k!r} is {type(v).__name__}, expected a string")
+                raise error(f"{path}: line {n}: expected a JSON object")
+            yield n, row
+
+
+def check_jsonl(path):
+    """A streaming pass over a jsonl file before datasets reads it (datasets would turn a number into a string and
+    read bytes that are not UTF-8): every line an object with the first line's keys, text values only."""
+    keys = None
+    for n, row in json_lines(path):
+        keys = keys or row.keys()
+        if row.keys() != keys:
+            raise DataError(f"{path}: line {n}: keys {sorted(row)} differ from the first row's {sorted(keys)}")
+        for k, v in row.items():
+            if not isinstance(v, str) and not (v is None and k.startswith("negative_")):
+                raise DataError(f"{path}: line {n}: field {k!r} is {type(v).__name__}, expected a string")
     if keys is None:
         raise DataError(f"{path}: empty file")
 

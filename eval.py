@@ -28,6 +28,7 @@ from collections import defaultdict
 import torch
 
 import builtin
+import data
 import metrics
 import model as f2llm_model
 
@@ -53,32 +54,19 @@ def read_jsonl(path, fields, unique=None):
     if not os.path.exists(path):
         raise TaskError(f"{path}: missing")
     rows, seen = [], {}
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise TaskError(f"{path}: line {n}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}: line {n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{path}: line {n}: expected a JSON object")
-            missing = [k for k in fields if row.get(k) is None]
-            if missing:
-                raise TaskError(f"{path}: line {n}: missing {', '.join(missing)}")
-            for k, kind in fields.items():
-                if not KINDS[kind](row[k]):
-                    raise TaskError(f"{path}: line {n}: {k} is {type(row[k]).__name__}, expected {kind}")
-            if unique:
-                key = str(row[unique])
-                if key in seen:
-                    raise TaskError(f"{path}: line {n}: {unique} {key!r} repeats line {seen[key]}")
-                seen[key] = n
-            rows.append(row)
+    for n, row in data.json_lines(path, TaskError):
+        missing = [k for k in fields if row.get(k) is None]
+        if missing:
+            raise TaskError(f"{path}: line {n}: missing {', '.join(missing)}")
+        for k, kind in fields.items():
+            if not KINDS[kind](row[k]):
+                raise TaskError(f"{path}: line {n}: {k} is {type(row[k]).__name__}, expected {kind}")
+        if unique:
+            key = str(row[unique])
+            if key in seen:
+                raise TaskError(f"{path}: line {n}: {unique} {key!r} repeats line {seen[key]}")
+            seen[key] = n
+        rows.append(row)
     if not rows:
         raise TaskError(f"{path}: no rows")
     return rows

@@ -24,7 +24,6 @@ labels.
 import argparse
 import csv
 import hashlib
-import json
 import os
 import random
 from collections import Counter
@@ -35,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import model as f2llm_model
 
 
@@ -50,8 +50,7 @@ def read_rows(path, columns):
         import pyarrow.parquet as pq
         rows = pq.read_table(path).to_pylist()
     elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [row for _, row in data.json_lines(path, MineError)]
     elif path.endswith(".csv"):
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
