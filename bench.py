@@ -181,19 +181,21 @@ def row_eval():
             f"identical nDCG: {same}", theirs / ours, "report")
 
 
-def synthetic_source(path, rows, negatives=24, seed=0):
+def synthetic_source(path, rows, negatives=24, seed=0, block=50_000):
     """An F2LLM-shaped parquet file: short queries, passages of about 60 words, 24 negatives drawn from the other
-    passages (as mined negatives are), so most texts repeat across rows."""
+    passages (as mined negatives are), so most texts repeat across rows. Written in row groups, as the real files are."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     rng = np.random.default_rng(seed)
     words = np.array([f"w{i}" for i in range(20_000)])
-    text = lambda n: [" ".join(ws) for ws in words[rng.integers(0, len(words), (rows, n))]]
-    queries, passages = text(12), text(60)
-    columns = {"query": queries, "passage": passages}
-    for j in range(1, negatives + 1):
-        columns[f"negative_{j}"] = [passages[i] for i in rng.integers(0, rows, rows)]
-    pq.write_table(pa.table(columns), path)
+    text = lambda n, k: [" ".join(ws) for ws in words[rng.integers(0, len(words), (n, k))]]
+    queries, passages = text(rows, 12), text(rows, 60)
+    names = ["query", "passage"] + [f"negative_{j}" for j in range(1, negatives + 1)]
+    with pq.ParquetWriter(path, pa.schema([(n, pa.string()) for n in names])) as writer:
+        for start in range(0, rows, block):
+            end = min(rows, start + block)
+            negs = [[passages[i] for i in rng.integers(0, rows, end - start)] for _ in range(negatives)]
+            writer.write_table(pa.table(dict(zip(names, [queries[start:end], passages[start:end], *negs]))))
     return path
 
 

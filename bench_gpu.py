@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import distributed
 import loss as f2llm_loss
 import model as f2llm_model
 import train
@@ -172,7 +173,7 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     print(f"{name} | {size} random init | {queries} queries x 9 sequences | chunk {chunk_size} sequences or {chunk_tokens:,} tokens", flush=True)
-    with train.process_group(1, device, needed=True):
+    with distributed.process_group(1, device, needed=True):
         ok = checks(size, max_len, device)
         best = None
         for profile in ("full", "f2llm"):

@@ -18,7 +18,6 @@ import shutil
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 # Source names from the official training code (utils.py); they decide the task type.
 CLASSIFICATION = {"amazon_counterfactual", "amazon_polarity", "imdb", "toxic_conversations", "cola"}

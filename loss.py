@@ -118,7 +118,8 @@ def chunk_by_tokens(seqs, chunk_tokens, device="cpu"):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         most = torch.tensor(len(chunks), device=device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        while len(chunks) < most.item():
+        most = int(most.item())
+        while len(chunks) < most:
             big = max((c for c in chunks if len(c) > 1), key=lambda c: sum(len(seqs[i]) for i in c))
             chunks.remove(big)
             chunks += [big[:len(big) // 2], big[len(big) // 2:]]

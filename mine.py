@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import distributed
 import model as f2llm_model
 
 
@@ -216,10 +217,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.negatives < 1 or args.range_min < 0 or args.range_max < args.range_min + args.negatives:
         p.error("need --negatives >= 1, --range-min >= 0 and --range-max >= --range-min + --negatives")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    with distributed.process_group(world, torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        mine_source(args, rank)
+
+
+def mine_source(args, rank):
     prompt = f2llm_model.query_prompt(args.instruction)
     label_names = dict(kv.split("=", 1) for kv in args.label_names or []) or None
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -240,9 +243,6 @@ def main(argv=None):
             raise MineError(f"no row survived (report below)\n{summary(report)}")
         write_source(out, path)
         print(f"{summary(report)}\nrows out: {len(out):,} -> {path}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -15,20 +15,19 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import builtin
-import data
 import checkpoint
+import data
+import distributed
 import eval as evaluation
 import loss as f2llm_loss
 import model as f2llm_model
@@ -187,41 +186,6 @@ def parallelize(model, args, world, local_rank, device):
     return model
 
 
-@contextmanager
-def process_group(world, device, needed=False):
-    """The process group of a torchrun job, and the one way out of it: a torchrun worker ends here.
-
-    Why it ends with os._exit: gloo's worker threads release each finished collective a moment after the caller
-    has been woken. If the interpreter is already shutting down by then, the tensors' Python objects belong to
-    that release, which needs the GIL; a finalizing interpreter answers by ending the thread, and the process
-    aborts ("terminate called without an active exception", SIGABRT) after all its work is done. Joining those
-    threads first is not possible: DDP and FSDP keep the process group, and so its threads, alive until the
-    interpreter is torn down, and a barrier does not help either (its work holds the collectives still in
-    flight when it started). So a clean exit (end, --stop-at, SIGTERM) meets every rank at a barrier, so that
-    nobody leaves while a peer still waits, destroys the group and leaves without interpreter teardown.
-    Everything the run writes is flushed or closed before this point. On an error there is no barrier (the
-    other ranks would never reach it): the exception ends this rank, its peers' next collective fails on the
-    closed connection, and torchrun reports this rank's error as the root cause."""
-    if world == 1 and not needed:
-        yield
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if world == 1:  # FSDP2 on one process (--precision bf16) still wants a process group
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    else:
-        dist.init_process_group(backend)
-    try:
-        yield
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 @record  # under torchrun, a failing rank's exception (not just its exit code) is the job's reported root cause
 def main(argv=None):
     args = parse_args(argv)
@@ -231,7 +195,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    with process_group(world, device, args.precision == "bf16" or args.fsdp), checkpoint.lock(args.out) if rank == 0 else nullcontext():  # --out is this run's alone
+    with distributed.process_group(world, device, args.precision == "bf16" or args.fsdp), checkpoint.lock(args.out) if rank == 0 else nullcontext():  # --out is this run's alone
         train(args, rank, local_rank, world, device)
 
 
@@ -253,7 +217,7 @@ def train(args, rank, local_rank, world, device):
         identity = data.identify(files)
         if summary and (changes := data.changes(summary["data"], identity)):
             raise SystemExit(f"--resume: the data differs from the checkpoint's: {'; '.join(changes)}")
-    files, identity, tasks = broadcast((files, identity, tasks) if master else None)
+    files, identity, tasks = distributed.broadcast((files, identity, tasks) if master else None)
 
     # ---- model: the size's Qwen3 (or --model); a resumed run's weights come from the training state -----------
     model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed)
@@ -390,15 +354,6 @@ def train(args, rank, local_rank, world, device):
     print0(f"done in {(time.time() - t0) / 60:.1f} min, {tokens_seen:,.0f} tokens")
 
 
-def broadcast(obj):
-    """Rank 0's object on every rank (itself when there is one rank)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def tensorboard(folder, start):
     """A TensorBoard writer when tensorboard is installed; on resume, events past the checkpoint's step are dropped."""
     try:
@@ -415,7 +370,7 @@ def scalars(record):
         if isinstance(value, dict):
             yield from ((f"{key}/{k}", v) for k, v in value.items())
         elif isinstance(value, (int, float)) and key != "step":
-            yield (f"val/loss" if key == "val_loss" else f"train/{key}"), value
+            yield ("val/loss" if key == "val_loss" else f"train/{key}"), value
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from conftest import make_batch, shard
 
 import loss as f2llm_loss
 import model as f2llm_model
-import train
+import distributed
 
 out, kind = sys.argv[1], sys.argv[2]  # retrieval, retrieval-grad (in_batch_grad) or clustering
-with train.process_group(int(os.environ["WORLD_SIZE"]), torch.device("cpu")):  # the trainer's own way in and out
+with distributed.process_group(int(os.environ["WORLD_SIZE"]), torch.device("cpu")):  # the trainer's own way in and out
     rank, world = dist.get_rank(), dist.get_world_size()
     model, tokenizer = f2llm_model.load("tiny")
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)

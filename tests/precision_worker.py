@@ -10,9 +10,9 @@ from conftest import make_batch, uncached_step
 
 import loss as f2llm_loss
 import model as f2llm_model
-import train
+import distributed
 
-with train.process_group(1, torch.device("cpu"), needed=True):
+with distributed.process_group(1, torch.device("cpu"), needed=True):
     model, tokenizer = f2llm_model.load("tiny")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.backbone.layers:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TIMEOUT
+from conftest import ROOT, TIMEOUT, torchrun
 
 import builtin
 import checkpoint
@@ -101,3 +101,17 @@ def test_mined_pairs_train_and_evaluate(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     done = run("eval.py", "--model", tmp_path / "run" / "checkpoint", "--out", tmp_path / "eval")
     assert done.returncode == 0 and "StdlibCodeRetrieval" in done.stdout, done.stderr[-3000:]
+
+
+def test_two_ranks_mine_what_one_process_mines(tmp_path):
+    # torchrun shards the embedding over ranks; the file written is the same.
+    import pyarrow.parquet as pq
+    funcs = [f for f in builtin.stdlib_functions() if not builtin.heldout(f["module"])][:150]
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(dict(query=x["summary"], positive=x["code"])) + "\n" for x in funcs)
+    args = ["--model", "tiny", "--max-len", 48, "--instruction", "find", "--max-score", 1.0, "--relative-margin", 0, "--negatives", 8,
+            "--range-max", 40]
+    mine.main([str(tmp_path / "pairs.jsonl"), "--name", "one", "--out", str(tmp_path / "one"), *map(str, args)])
+    torchrun("mine.py", tmp_path / "pairs.jsonl", "--name", "one", "--out", tmp_path / "two", "--cache-dir", tmp_path / "cache2", *args)
+    one, two = pq.read_table(tmp_path / "one" / "one.parquet").to_pylist(), pq.read_table(tmp_path / "two" / "one.parquet").to_pylist()
+    assert len(one) > 20 and one == two
