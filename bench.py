@@ -252,6 +252,7 @@ def main():
     p.add_argument("--chunk-size", type=int, default=16, help="--gpu: sequences per padded chunk (the 0.6b preset)")
     p.add_argument("--chunk-tokens", type=int, default=16_384, help="--gpu: tokens per packed chunk")
     p.add_argument("--device", default="cuda", help="--gpu: cpu runs the same code as a dry run")
+    p.add_argument("--memory-sizes", nargs="*", default=["1.7b", "4b"], help="--gpu: architectures whose largest chunk is measured last")
     p.add_argument("--mine", type=int, metavar="PAIRS", help="only the mining row, on this many built-in pairs")
     p.add_argument("--data-rows", type=int, help="only the data-loading row, on a synthetic source of this many rows (1000000: minutes)")
     args = p.parse_args()
@@ -261,7 +262,8 @@ def main():
         return print(row_data(args.data_rows)[0])
     if args.gpu:
         import bench_gpu
-        return bench_gpu.run(args.size, args.queries, args.device, args.max_len, args.chunk_size, args.chunk_tokens)
+        return bench_gpu.run(args.size, args.queries, args.device, args.max_len, args.chunk_size, args.chunk_tokens,
+                             memory_sizes=args.memory_sizes)
     model, tokenizer = f2llm_model.load("tiny")
     batches = builtin_batches(tokenizer)
     rows = [row_cache_overhead(model, tokenizer, retrieval_batch(batches)), row_memory(), row_padding(batches),

@@ -9,7 +9,8 @@ liger-kernel, all together) runs full AdamW steps of `--queries` queries x (quer
 length profiles: every sequence at max length (the 0.6b preset's 1024), and F2LLM-like lengths (queries of a few
 dozen tokens, passages of a few hundred). MFU counts 6 x matrix parameters + causal attention per real token
 (the cache's extra forward is not useful work) against 989 TFLOP/s (H100 and H200, bf16 dense). Last, ours
-against sentence-transformers' CachedMultipleNegativesRankingLoss on the same model, batch and data.
+against sentence-transformers' CachedMultipleNegativesRankingLoss on the same model, batch and data, and the
+largest chunk of the 1.7B and 4B architectures at max length (the presets' chunk sizes, measured).
 """
 import os
 import tempfile
@@ -118,23 +119,38 @@ def step_time(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device
     return min(times)
 
 
-def largest_chunk(model, tokenizer, variant, max_len, device):
-    """The largest chunk (sequences of max_len, or packed tokens) whose forward + backward fits in memory."""
-    packed = variant[2]
-    best = None
-    for n in (8, 16, 24, 32, 48, 64):
+def largest_chunk(model, tokenizer, packed, max_len, device):
+    """The largest chunk (sequences of max_len, or packed tokens) whose forward + backward fits, and its peak GiB."""
+    best, peak = None, float("nan")
+    for n in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64):
         seqs = [list(range(1, max_len)) + [tokenizer.eos_token_id]] * n
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         try:
             model(*collate_for(packed, tokenizer, device)(seqs)).float().sum().backward()
             sync(device)
-            best = n * max_len if packed else n
+            best = n
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         except torch.OutOfMemoryError:
             break
         finally:
             model.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return f"{best:,} tokens" if packed else f"{best} x {max_len}"
+    if best is None:
+        return "none fits", peak
+    return (f"{best * max_len:,} tokens" if packed else f"{best} x {max_len}"), peak
+
+
+def chunk_memory(size, max_len, device):
+    """A preset's chunk measured: bf16 weights as train.py runs on GPUs, padded chunks, one GPU holding the whole model
+    (fp32 masters and gradients unsharded, so more ranks under --fsdp leave more room, never less)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model, tokenizer = build(size, "bf16", False, False, device)
+    fits, peak = largest_chunk(model, tokenizer, False, max_len, device)
+    print(f"memory | {size:5} | bf16 weights, padded, one GPU | largest chunk {fits} | its peak {peak:5.1f} GiB", flush=True)
+    del model
 
 
 def against_sentence_transformers(size, batch, ours_seconds, chunk_size, device, tokenizer):
@@ -168,7 +184,7 @@ def against_sentence_transformers(size, batch, ours_seconds, chunk_size, device,
           f"{theirs:.2f} s/step: {theirs / ours_seconds:.2f}x", flush=True)
 
 
-def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chunk_tokens=16_384, repeats=1):
+def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chunk_tokens=16_384, repeats=1, memory_sizes=("1.7b", "4b")):
     device = torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
@@ -194,7 +210,7 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
                     continue
                 memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
                 mfu = model_flops(model, batch["seqs"]) / seconds / (PEAK_TFLOPS * 1e12)
-                fits = largest_chunk(model, tokenizer, variant, max_len, device) if profile == "full" else "-"
+                fits = largest_chunk(model, tokenizer, variant[2], max_len, device)[0] if profile == "full" else "-"
                 print(f"{profile:5} | {variant[0]:46} | {seconds:7.2f} s/step | {tokens / seconds:>9,.0f} tok/s | MFU {mfu:5.1%} | "
                       f"peak {memory:5.1f} GiB | largest chunk {fits}", flush=True)
                 if profile == "f2llm" and (best is None or seconds < best[0]):
@@ -202,6 +218,8 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
                 del model
         if best:
             against_sentence_transformers(size, best[1], best[0], chunk_size, device, best[2])
+        for other in memory_sizes:
+            chunk_memory(other, max_len, device)
         print("checks passed" if ok else "CHECKS FAILED", flush=True)
 
 

@@ -7,7 +7,7 @@ from conftest import ROOT, TIMEOUT
 
 def test_gpu_benchmark_dry_runs_on_cpu():
     done = subprocess.run([sys.executable, "bench.py", "--gpu", "--device", "cpu", "--size", "tiny", "--queries", "2", "--max-len", "32",
-                           "--chunk-size", "8", "--chunk-tokens", "128"], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+                           "--chunk-size", "8", "--chunk-tokens", "128", "--memory-sizes", "tiny"], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "check: packed vs padded embeddings" in out and "check: cached vs plain bf16 gradient" in out and "checks passed" in out
@@ -15,3 +15,4 @@ def test_gpu_benchmark_dry_runs_on_cpu():
         for variant in ("baseline: fp32 weights", "bf16 weights (FSDP2", "bf16 + packing  "):
             assert any(line.startswith(profile) and variant in line and "tok/s" in line for line in out.splitlines()), (profile, variant)
     assert "vs sentence-transformers CachedMNRL" in out
+    assert "memory | tiny  | bf16 weights, padded, one GPU | largest chunk 64 x 32" in out
