@@ -4,7 +4,8 @@
     python bench.py --gpu --device cpu --size tiny --queries 2 --max-len 48    # the same code as a CPU dry run (tested)
 
 Before timing, on the device itself: packed == padded embeddings through its attention kernel, and the cached
-bf16 gradient against one plain bf16 pass. Then each variant (the baseline, bf16 weights, packing, torch.compile,
+bf16 gradient against one plain bf16 pass (packed rows go through FlexAttention on a GPU without flash-attn, padded
+ones through sdpa, as train.py and eval.py run them). Then each variant (the baseline, bf16 weights, packing, torch.compile,
 liger-kernel, all together) runs full AdamW steps of `--queries` queries x (query, positive, 7 negatives) on two
 length profiles: every sequence at max length (the 0.6b preset's 1024), and F2LLM-like lengths (queries of a few
 dozen tokens, passages of a few hundred). MFU counts 6 x matrix parameters + causal attention per real token
@@ -61,8 +62,8 @@ def model_flops(model, seqs):
     return sum(6 * matmul * len(s) + 3 * attention * len(s) ** 2 / 2 for s in seqs)
 
 
-def build(size, precision, compile_, liger, device):
-    model, tokenizer = f2llm_model.load(size, random_init=True, device=device)
+def build(size, precision, compile_, liger, device, packed=False):
+    model, tokenizer = f2llm_model.load(size, random_init=True, device=device, packed=packed)
     args = SimpleNamespace(precision=precision, compile=compile_, liger=liger, fsdp=False)
     return train.parallelize(model, args, 1, 0, device), tokenizer
 
@@ -77,24 +78,31 @@ def sync(device):
 
 
 def checks(size, max_len, device):
-    """What only the device can show: its attention kernel on packed rows, and the cache under bf16."""
-    model, tokenizer = build(size, "bf16", False, False, device)
+    """What only the device can show: its attention kernel on packed rows against the padded path (the one
+    evaluation takes), and the cache under bf16 through that kernel's backward."""
+    model, tokenizer = build(size, "bf16", False, False, device, packed=True)
+    kernels = model.backbone.config._attn_implementation, f2llm_model.attention_implementation(device)
+    use = model.backbone.set_attn_implementation
     batch = make_batch("f2llm", 4, max_len, tokenizer.eos_token_id, seed=1)
     with torch.no_grad():
         packed = model(*f2llm_model.pack(batch["seqs"], device))
+        use(kernels[1])
         padded = model(*f2llm_model.pad(batch["seqs"], tokenizer.pad_token_id, device=device))
+        use(kernels[0])
     grads = lambda: {n: p.grad.full_tensor().float().clone() for n, p in model.named_parameters()}
     f2llm_loss.cached_step(model, batch, collate_for(True, tokenizer, device), chunk_tokens=max_len * 4)
     cached = grads()
     model.zero_grad()
+    use(kernels[1])
     emb = model(*f2llm_model.pad(batch["seqs"], tokenizer.pad_token_id, device=device))
     f2llm_loss.f2llm_loss(*f2llm_loss.split_embeddings(emb, 4, 7), True)[0].backward()
     plain = grads()
     scale = max(g.abs().max().item() for g in plain.values())
     worst = max((cached[n] - plain[n]).abs().max().item() for n in plain) / scale
-    print(f"check: packed vs padded embeddings through {model.backbone.config._attn_implementation}: largest difference "
+    print(f"check: packed ({kernels[0]}) vs padded ({kernels[1]}) embeddings: largest difference "
           f"{(packed - padded).abs().max().item():.2e} (bf16; tolerance 3e-2)", flush=True)
-    print(f"check: cached vs plain bf16 gradient, largest difference / largest gradient {worst:.2e} (tolerance 3e-2)", flush=True)
+    print(f"check: cached packed ({kernels[0]}) vs plain padded ({kernels[1]}) bf16 gradient, largest difference / largest gradient "
+          f"{worst:.2e} (tolerance 3e-2)", flush=True)
     return (packed - padded).abs().max().item() < 3e-2 and worst < 3e-2
 
 
@@ -202,7 +210,7 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                model, tokenizer = build(size, variant[1], variant[3], variant[4], device)
+                model, tokenizer = build(size, variant[1], variant[3], variant[4], device, packed=variant[2])
                 try:
                     seconds = step_time(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device, repeats)
                 except torch.OutOfMemoryError:

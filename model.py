@@ -67,11 +67,14 @@ def offline_tokenizer():
     return AutoTokenizer.from_pretrained(path)
 
 
-def attention_implementation(device):
-    """sdpa everywhere; flash-attention 2 when it is installed and we run on CUDA."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def attention_implementation(device, packed=False):
+    """flash-attention 2 on CUDA when installed; without it, FlexAttention for packed rows on CUDA (its block mask
+    skips the blocks between sequences, where sdpa would take a dense T x T mask and compute every pair); sdpa
+    otherwise (FlexAttention has no backward on CPU)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return "flex_attention" if cuda and packed else "sdpa"
 
 
 class Encoder(nn.Module):
@@ -85,7 +88,8 @@ class Encoder(nn.Module):
         """A padded batch (input_ids, attention_mask), or sequences packed into one row (input_ids [1, T],
         position_ids restarting at 0 for each sequence, ends = each sequence's last index): no padding computed.
         For a packed row transformers builds an attention that stops at sequence boundaries from the position ids
-        (a block mask for sdpa and flex attention, variable-length kernels for flash attention)."""
+        (a dense mask for sdpa, a block mask that skips whole blocks for flex attention, variable-length kernels for
+        flash attention)."""
         if attention_mask is not None:
             # Positions count real tokens only, so left and right padding give the same rotary angles.
             position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -98,9 +102,10 @@ class Encoder(nn.Module):
         return F.normalize(hidden[rows, ends].float(), dim=-1)
 
 
-def load(name="tiny", random_init=False, device="cpu", seed=0):
-    """Returns (Encoder, tokenizer). `name`: a size preset, a local Hugging Face folder or a hub id."""
-    attn = attention_implementation(device)
+def load(name="tiny", random_init=False, device="cpu", seed=0, packed=False):
+    """Returns (Encoder, tokenizer). `name`: a size preset, a local Hugging Face folder or a hub id; `packed`: the
+    attention for packed rows (train.py --chunk-tokens)."""
+    attn = attention_implementation(device, packed)
     if name in ARCHITECTURES and (random_init or name == "tiny"):
         config = Qwen3Config(**ARCHITECTURES[name], **QWEN3_COMMON)
         config._attn_implementation = attn

@@ -220,7 +220,8 @@ def train(args, rank, local_rank, world, device):
     files, identity, tasks = distributed.broadcast((files, identity, tasks) if master else None)
 
     # ---- model: the size's Qwen3 (or --model); a resumed run's weights come from the training state -----------
-    model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed)
+    model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed,
+                                        packed=args.chunk_tokens is not None)
     print0(f"model {args.model or args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, "
            f"{model.backbone.config._attn_implementation} attention, {world} rank(s) on {device.type}")
     collate = (lambda seqs: f2llm_model.pack(seqs, device)) if args.chunk_tokens else (lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device))

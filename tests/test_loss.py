@@ -106,6 +106,22 @@ def test_packed_chunks_equal_padded(tiny, chunk_tokens):
     model.zero_grad()
 
 
+def test_flex_attention_packed_rows_embed_as_padded(tokenizer):
+    # The packed path on GPUs without flash-attn: FlexAttention with the block mask transformers builds from the
+    # position ids. Forward only (FlexAttention has no backward on CPU; bench.py --gpu checks its gradient).
+    assert f2llm_model.attention_implementation("cuda", packed=True) in ("flex_attention", "flash_attention_2")
+    assert f2llm_model.attention_implementation("cpu", packed=True) == "sdpa"
+    model = f2llm_model.load("tiny")[0]  # its own copy: the attention is switched
+    batch = make_batch(tokenizer, 5, 3, True)
+    with torch.no_grad():
+        padded = model(*f2llm_model.pad(batch["seqs"], tokenizer.pad_token_id))
+        model.backbone.set_attn_implementation("flex_attention")
+        packed = model(*f2llm_model.pack(batch["seqs"]))
+        whole = model(*f2llm_model.pack(batch["seqs"][:1] * 2))  # a sequence attending to its copy would move
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(whole[1], padded[0], atol=1e-5, rtol=0)
+
+
 def test_gradient_cache_under_bf16_mixed_precision(tmp_path):
     # FSDP2 with bf16 weights for compute (fp32 masters): the no-grad forward and the re-forward of each chunk give
     # identical embeddings, so the cache stays exact; against one plain bf16 pass (other padding, other bf16
