@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32",
                    help="bf16: bf16 weights for compute over fp32 master weights and optimizer (FSDP2's mixed precision, the released "
                         "run's arithmetic; default on GPUs); fp32: fp32 weights, bf16 autocast on GPUs (default on CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda, help="torch.compile each decoder layer (default on GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (off by default: on torch 2.11 it failed with "
+                   "--chunk-tokens and with --liger on an H200; README, GPU figures)")
     p.add_argument("--liger", action="store_true", help="liger-kernel's fused Qwen3 kernels (RMSNorm, RoPE, SwiGLU; GPUs, liger-kernel installed)")
     # data
     p.add_argument("--data", help="folder of F2LLM .parquet/.jsonl files or hub id codefuse-ai/F2LLM (default: built-in)")
@@ -171,7 +172,8 @@ def parallelize(model, args, world, local_rank, device):
     in fp32, on any number of ranks; or sharding for size) or DDP (fp32 weights)."""
     if args.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen3
-        apply_liger_kernel_to_qwen3(model=model.backbone)
+        # The fused linear + cross-entropy replaces a causal LM's forward; an encoder has no LM head, so it stays off.
+        apply_liger_kernel_to_qwen3(model=model.backbone, fused_linear_cross_entropy=False)
     if args.compile:
         for layer in model.backbone.layers:
             layer.compile(dynamic=True)  # packed chunks change length every time
