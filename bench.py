@@ -253,6 +253,11 @@ def main():
     p.add_argument("--chunk-tokens", type=int, default=16_384, help="--gpu: tokens per packed chunk")
     p.add_argument("--device", default="cuda", help="--gpu: cpu runs the same code as a dry run")
     p.add_argument("--memory-sizes", nargs="*", default=["1.7b", "4b"], help="--gpu: architectures whose largest chunk is measured last")
+    p.add_argument("--profiles", nargs="+", default=["full", "f2llm"], choices=["full", "f2llm"], help="--gpu: length profiles to time")
+    p.add_argument("--variants", nargs="+", type=int, help="--gpu: rows of bench_gpu.VARIANTS to time (default: all)")
+    p.add_argument("--no-checks", action="store_true", help="--gpu: skip the device checks")
+    p.add_argument("--no-profile", action="store_true", help="--gpu: skip the profile of one step")
+    p.add_argument("--budget-s", type=float, default=540, help="--gpu: skip what is left after this many seconds (a lent GPU's call is 600 s)")
     p.add_argument("--mine", type=int, metavar="PAIRS", help="only the mining row, on this many built-in pairs")
     p.add_argument("--data-rows", type=int, help="only the data-loading row, on a synthetic source of this many rows (1000000: minutes)")
     args = p.parse_args()
@@ -263,7 +268,8 @@ def main():
     if args.gpu:
         import bench_gpu
         return bench_gpu.run(args.size, args.queries, args.device, args.max_len, args.chunk_size, args.chunk_tokens,
-                             memory_sizes=args.memory_sizes)
+                             memory_sizes=args.memory_sizes, profiles=args.profiles, variants=args.variants,
+                             checks_first=not args.no_checks, profile_step_too=not args.no_profile, budget_s=args.budget_s)
     model, tokenizer = f2llm_model.load("tiny")
     batches = builtin_batches(tokenizer)
     rows = [row_cache_overhead(model, tokenizer, retrieval_batch(batches)), row_memory(), row_padding(batches),

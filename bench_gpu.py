@@ -29,13 +29,16 @@ import model as f2llm_model
 import train
 
 PEAK_TFLOPS = 989.0
-VARIANTS = [  # name, precision, packed, compile, liger
-    ("baseline: fp32 weights + bf16 autocast, padded", "fp32", False, False, False),
-    ("bf16 weights (FSDP2 mixed precision)", "bf16", False, False, False),
-    ("bf16 + packing", "bf16", True, False, False),
-    ("bf16 + packing + torch.compile", "bf16", True, True, False),
-    ("bf16 + packing + liger-kernel", "bf16", True, False, True),
-    ("all: bf16 + packing + compile + liger", "bf16", True, True, True),
+VARIANTS = [  # name, precision, packed, compile, liger, chunk multiple (of --chunk-size sequences or --chunk-tokens)
+    ("baseline: fp32 weights + bf16 autocast, padded", "fp32", False, False, False, 1),
+    ("bf16 weights (FSDP2 mixed precision)", "bf16", False, False, False, 1),
+    ("bf16, 4x larger chunks", "bf16", False, False, False, 4),
+    ("bf16 + liger-kernel", "bf16", False, False, True, 1),
+    ("bf16 + packing", "bf16", True, False, False, 1),
+    ("bf16 + packing, 4x larger chunks", "bf16", True, False, False, 4),
+    ("bf16 + packing + liger, 4x larger chunks", "bf16", True, False, True, 4),
+    ("bf16 + packing + torch.compile", "bf16", True, True, False, 1),
+    ("all: bf16 + packing + compile + liger", "bf16", True, True, True, 1),
 ]
 
 
@@ -106,11 +109,15 @@ def checks(size, max_len, device):
     return (packed - padded).abs().max().item() < 3e-2 and worst < 3e-2
 
 
-def step_time(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device, repeats):
-    _, precision, packed, _, _ = variant
+def amp_for(variant, device):
+    return (lambda: f2llm_model.autocast(device)) if variant[1] == "fp32" else nullcontext
+
+
+def make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device):
+    """One full training step as train.py runs it: cached forward + backward, clipping, AdamW."""
+    packed = variant[2]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
-    amp = (lambda: f2llm_model.autocast(device)) if precision == "fp32" else nullcontext
-    collate = collate_for(packed, tokenizer, device)
+    amp, collate = amp_for(variant, device), collate_for(packed, tokenizer, device)
 
     def step():
         f2llm_loss.cached_step(model, batch, collate, chunk_size, amp, chunk_tokens=chunk_tokens if packed else None)
@@ -118,6 +125,10 @@ def step_time(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
+    return step
+
+
+def step_time(step, repeats):
     step()  # warm-up (and compilation)
     times = []
     for _ in range(repeats):
@@ -127,7 +138,30 @@ def step_time(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device
     return min(times)
 
 
-def largest_chunk(model, tokenizer, packed, max_len, device):
+@torch.no_grad()
+def embeddings(model, tokenizer, variant, seqs, device):
+    """The variant's embeddings of a fixed batch, in the mode of the cache's first pass (no grad, training mode)."""
+    with amp_for(variant, device)():
+        return model(*collate_for(variant[2], tokenizer, device)(seqs)).float()
+
+
+def profile_step(step, device, rows=12):
+    """Where one step's device time goes: the top kernels by their own time, and how busy the device was."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events if not cuda or e.device_type.name == "CUDA") / 1e6
+    print(f"profile | {wall:.2f} s wall (profiled), device busy {busy:.2f} s ({busy / wall:.0%})", flush=True)
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+
+
+def largest_chunk(model, tokenizer, packed, max_len, device, amp=nullcontext):
     """The largest chunk (sequences of max_len, or packed tokens) whose forward + backward fits, and its peak GiB."""
     best, peak = None, float("nan")
     for n in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64):
@@ -135,7 +169,9 @@ def largest_chunk(model, tokenizer, packed, max_len, device):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
-            model(*collate_for(packed, tokenizer, device)(seqs)).float().sum().backward()
+            with amp():
+                emb = model(*collate_for(packed, tokenizer, device)(seqs))
+            emb.float().sum().backward()
             sync(device)
             best = n
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -165,8 +201,8 @@ def against_sentence_transformers(size, batch, ours_seconds, chunk_size, device,
     try:
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
-    except ImportError:
-        return print("sentence-transformers not installed: comparison skipped")
+    except ImportError as e:
+        return print(f"sentence-transformers not importable ({e}): comparison skipped")
     model, _ = f2llm_model.load(size, random_init=True, device="cpu")
     with tempfile.TemporaryDirectory() as folder:
         checkpoint.export_model(folder, model.backbone, model.backbone.state_dict(), tokenizer, max(map(len, batch["seqs"])), "", "")
@@ -192,43 +228,126 @@ def against_sentence_transformers(size, batch, ours_seconds, chunk_size, device,
           f"{theirs:.2f} s/step: {theirs / ours_seconds:.2f}x", flush=True)
 
 
-def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chunk_tokens=16_384, repeats=1, memory_sizes=("1.7b", "4b")):
+def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chunk_tokens=16_384, repeats=1, memory_sizes=("1.7b", "4b"),
+        profiles=("full", "f2llm"), variants=None, checks_first=True, profile_step_too=True, budget_s=540):
+    """The parts in the order of what they tell: checks, F2LLM-like lengths, where one step's time goes, against
+    sentence-transformers, the 1.7B/4B memory, full-length rows, torch.compile rows last (the slowest to build).
+    Past budget_s the remaining parts are skipped, each named, so the run ends inside a lent machine's call.
+    Every part runs even when one before it failed: a failure prints its error and the run ends with
+    "CHECKS FAILED" and exit status 1."""
     device = torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.recompile_limit = 64  # many models and modes in one process; past the limit dynamo runs eager
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
-    print(f"{name} | {size} random init | {queries} queries x 9 sequences | chunk {chunk_size} sequences or {chunk_tokens:,} tokens", flush=True)
+    print(f"{name} | torch {torch.__version__} | {size} random init | {queries} queries x 9 sequences | chunk {chunk_size} sequences "
+          f"or {chunk_tokens:,} tokens", flush=True)
+    start, failures, skipped = time.perf_counter(), [], []
+    chosen = [VARIANTS[i] for i in (variants if variants is not None else range(len(VARIANTS)))]
+    eos = f2llm_model.offline_tokenizer().eos_token_id
+    batches = {p: make_batch(p, queries, max_len, eos) for p in ("f2llm", "full")}
+    probe = make_batch("f2llm", 4, max_len, eos, seed=2)["seqs"]
+    state = dict(best=None, reference=None)
+
+    def attempt(what, fn, *args):
+        if time.perf_counter() - start > budget_s:
+            return skipped.append(what)
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported, counted, and the run goes on
+            failures.append(what)
+            print(f"FAILED {what}: {type(e).__name__}: {str(e)[:500]}", flush=True)
+
+    def rows(profile, compiled):
+        for variant in (v for v in chosen if v[3] == compiled):
+            if (variant[3] or variant[4]) and device.type != "cuda" or variant[4] and not _has_liger():
+                print(f"{profile:5} | {variant[0]:46} | skipped: {'needs CUDA' if device.type != 'cuda' else 'liger-kernel not installed'}")
+                continue
+            with _qwen3_module_restored():  # liger patches transformers' Qwen3 module for every model built after it
+                result = attempt(f"{profile} | {variant[0]}", measure, profile, variant, batches[profile], probe, state["reference"], size,
+                                 max_len, chunk_size, chunk_tokens, device, repeats, start)
+            if result is None:
+                continue
+            seconds, emb, tokenizer, diff = result
+            if state["reference"] is None:
+                state["reference"] = emb
+            if diff is not None and diff > 3e-2:
+                failures.append(f"{variant[0]} embeddings")
+            if state["best"] is None or profile == "f2llm" and seconds < state["best"][0]:
+                state["best"] = (seconds, variant, batches[profile], tokenizer)
+
     with distributed.process_group(1, device, needed=True):
-        ok = checks(size, max_len, device)
-        best = None
-        for profile in ("full", "f2llm"):
-            batch = make_batch(profile, queries, max_len, f2llm_model.offline_tokenizer().eos_token_id)
-            tokens = sum(map(len, batch["seqs"]))
-            for variant in VARIANTS:
-                if (variant[3] or variant[4]) and device.type != "cuda" or variant[4] and not _has_liger():
-                    print(f"{profile:5} | {variant[0]:46} | skipped: {'needs CUDA' if device.type != 'cuda' else 'liger-kernel not installed'}")
-                    continue
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                model, tokenizer = build(size, variant[1], variant[3], variant[4], device, packed=variant[2])
-                try:
-                    seconds = step_time(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device, repeats)
-                except torch.OutOfMemoryError:
-                    print(f"{profile:5} | {variant[0]:46} | out of memory", flush=True)
-                    continue
-                memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-                mfu = model_flops(model, batch["seqs"]) / seconds / (PEAK_TFLOPS * 1e12)
-                fits = largest_chunk(model, tokenizer, variant[2], max_len, device)[0] if profile == "full" else "-"
-                print(f"{profile:5} | {variant[0]:46} | {seconds:7.2f} s/step | {tokens / seconds:>9,.0f} tok/s | MFU {mfu:5.1%} | "
-                      f"peak {memory:5.1f} GiB | largest chunk {fits}", flush=True)
-                if profile == "f2llm" and (best is None or seconds < best[0]):
-                    best = (seconds, batch, tokenizer)
-                del model
-        if best:
-            against_sentence_transformers(size, best[1], best[0], chunk_size, device, best[2])
+        if checks_first and attempt("checks", checks, size, max_len, device) is False:
+            failures.append("checks")
+        print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+        if "f2llm" in profiles:
+            rows("f2llm", compiled=False)
+        if state["best"]:
+            seconds, variant, batch, tokenizer = state["best"]
+            if profile_step_too:
+                with _qwen3_module_restored():
+                    attempt(f"profile of {variant[0]}", profile_variant, variant, batch, size, chunk_size, chunk_tokens, device)
+            with _qwen3_module_restored():
+                attempt("sentence-transformers comparison", against_sentence_transformers, size, batch, seconds, chunk_size, device, tokenizer)
         for other in memory_sizes:
-            chunk_memory(other, max_len, device)
-        print("checks passed" if ok else "CHECKS FAILED", flush=True)
+            attempt(f"memory {other}", chunk_memory, other, max_len, device)
+        if "full" in profiles:
+            rows("full", compiled=False)
+        for profile in (p for p in ("f2llm", "full") if p in profiles):
+            rows(profile, compiled=True)
+        print(f"compiled graphs {torch._dynamo.utils.counters['stats']['unique_graphs']}, graph breaks "
+              f"{sum(torch._dynamo.utils.counters['graph_break'].values())}; {time.perf_counter() - start:.0f} s in all", flush=True)
+        if skipped:
+            print(f"skipped past the {budget_s} s budget: {'; '.join(skipped)}", flush=True)
+        print("checks passed" if not failures else f"CHECKS FAILED: {', '.join(failures)}", flush=True)
+    if failures:
+        raise SystemExit(1)
+
+
+def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size, chunk_tokens, device, repeats, start):
+    """One row of the table: the variant's step time, MFU, peak memory, largest chunk, and its embeddings of a fixed
+    batch against the baseline's (same seed, so the same weights)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model, tokenizer = build(size, variant[1], variant[3], variant[4], device, packed=variant[2])
+    emb = embeddings(model, tokenizer, variant, probe, device)
+    diff = None if reference is None else (emb - reference).abs().max().item()
+    chunk_size, chunk_tokens = chunk_size * variant[5], chunk_tokens * variant[5]
+    step = make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device)
+    tokens = sum(map(len, batch["seqs"]))
+    try:
+        seconds = step_time(step, repeats)
+    except torch.OutOfMemoryError:
+        print(f"{profile:5} | {variant[0]:46} | out of memory", flush=True)
+        return None
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    mfu = model_flops(model, batch["seqs"]) / seconds / (PEAK_TFLOPS * 1e12)
+    fits = largest_chunk(model, tokenizer, variant[2], max_len, device, amp_for(variant, device))[0] if profile == "full" else "-"
+    chunk = f"{chunk_tokens:,} tok" if variant[2] else f"{chunk_size} seq"
+    print(f"{profile:5} | {variant[0]:46} | chunk {chunk:>10} | {seconds:7.2f} s/step | {tokens / seconds:>9,.0f} tok/s | MFU {mfu:5.1%} | "
+          f"peak {memory:5.1f} GiB | largest chunk {fits} | embeddings vs first row {'-' if diff is None else f'{diff:.1e}'} | "
+          f"at {time.perf_counter() - start:.0f} s", flush=True)
+    return seconds, emb, tokenizer, diff
+
+
+def profile_variant(variant, batch, size, chunk_size, chunk_tokens, device):
+    """The variant rebuilt (the table keeps no model, so its peaks are its own), one warm-up step, one profiled."""
+    print(f"profile of one step: {variant[0]}", flush=True)
+    model, tokenizer = build(size, variant[1], variant[3], variant[4], device, packed=variant[2])
+    step = make_step(model, tokenizer, batch, variant, chunk_size * variant[5], chunk_tokens * variant[5], device)
+    step()
+    profile_step(step, device)
+
+
+class _qwen3_module_restored:
+    """liger-kernel replaces functions and classes in transformers' Qwen3 module itself; put them back afterwards."""
+
+    def __enter__(self):
+        from transformers.models.qwen3 import modeling_qwen3
+        self.module, self.saved = modeling_qwen3, dict(vars(modeling_qwen3))
+
+    def __exit__(self, *exc):
+        vars(self.module).update(self.saved)
 
 
 def _has_liger():

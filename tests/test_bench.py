@@ -4,15 +4,30 @@ import sys
 
 from conftest import ROOT, TIMEOUT
 
+GPU = [sys.executable, "bench.py", "--gpu", "--device", "cpu", "--size", "tiny", "--queries", "2", "--max-len", "32", "--chunk-size", "8",
+       "--chunk-tokens", "128"]
+
 
 def test_gpu_benchmark_dry_runs_on_cpu():
-    done = subprocess.run([sys.executable, "bench.py", "--gpu", "--device", "cpu", "--size", "tiny", "--queries", "2", "--max-len", "32",
-                           "--chunk-size", "8", "--chunk-tokens", "128", "--memory-sizes", "tiny"], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    done = subprocess.run(GPU + ["--memory-sizes", "tiny"], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "check: packed (sdpa) vs padded (sdpa) embeddings" in out and "check: cached packed (sdpa) vs plain padded" in out and "checks passed" in out
     for profile in ("full", "f2llm"):
-        for variant in ("baseline: fp32 weights", "bf16 weights (FSDP2", "bf16 + packing  "):
+        for variant in ("baseline: fp32 weights", "bf16 weights (FSDP2", "bf16, 4x larger chunks", "bf16 + packing  ", "bf16 + packing, 4x"):
             assert any(line.startswith(profile) and variant in line and "tok/s" in line for line in out.splitlines()), (profile, variant)
+    assert "chunk     32 seq" in out and "chunk    512 tok" in out  # the 4x rows run 4x the chunk
+    assert "embeddings vs first row -" in out  # the first row is the reference of the others
+    assert "profile | " in out and "Self CPU time total" in out
     assert "vs sentence-transformers CachedMNRL" in out
     assert "memory | tiny  | bf16 weights, padded, one GPU | largest chunk 64 x 32" in out
+    assert "skipped past" not in out
+
+
+def test_gpu_benchmark_skips_what_is_left_past_its_budget():
+    done = subprocess.run(GPU + ["--memory-sizes", "tiny", "--no-checks", "--profiles", "f2llm", "--variants", "0", "1", "--budget-s", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "tok/s" not in done.stdout
+    assert ("skipped past the 0.0 s budget: f2llm | baseline: fp32 weights + bf16 autocast, padded; f2llm | bf16 weights (FSDP2 mixed "
+            "precision); memory tiny") in done.stdout
