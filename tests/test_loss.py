@@ -1,6 +1,7 @@
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,6 +121,27 @@ def test_flex_attention_packed_rows_embed_as_padded(tokenizer):
         whole = model(*f2llm_model.pack(batch["seqs"][:1] * 2))  # a sequence attending to its copy would move
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
     torch.testing.assert_close(whole[1], padded[0], atol=1e-5, rtol=0)
+
+
+def test_compiled_layers_give_the_eager_gradient(tokenizer):
+    # train.py --compile: each decoder layer through torch.compile (Inductor, here its CPU backend) with dynamic
+    # shapes, chunks of changing sizes, packed rows included: the cached step's loss and every gradient are the eager
+    # model's (fp32). The GPU kernels are bench.py --gpu's to check.
+    import train
+    args = SimpleNamespace(liger=False, compile=True, precision="fp32", fsdp=False)
+    eager = f2llm_model.load("tiny")[0]
+    compiled = train.parallelize(f2llm_model.load("tiny")[0], args, 1, 0, torch.device("cpu"))  # same seed, same weights
+    batch = make_batch(tokenizer, 5, 3, True)
+    for collate, kw in ((lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id), dict(chunk_size=7)), (f2llm_model.pack, dict(chunk_tokens=150))):
+        (ref_loss, *_), ref = f2llm_loss.cached_step(eager, batch, collate, **kw), {n: p.grad.clone() for n, p in eager.named_parameters()}
+        loss = f2llm_loss.cached_step(compiled, batch, collate, **kw)[0]
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        scale = max(g.abs().max().item() for g in ref.values())
+        for n, p in compiled.named_parameters():
+            torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
+        eager.zero_grad()
+        compiled.zero_grad()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
 
 
 def test_gradient_cache_under_bf16_mixed_precision(tmp_path):
