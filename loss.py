@@ -131,6 +131,14 @@ def make_chunks(seqs, chunk_size=None, chunk_tokens=None, device="cpu"):
     return chunk_by_tokens(seqs, chunk_tokens, device) if chunk_tokens else chunk_by_length(seqs, chunk_size)
 
 
+def to_device(t, device):
+    """A CPU tensor onto the device without a host sync: on CUDA a copy from pageable memory first waits for the
+    whole stream, which would stall the queue at every chunk; from pinned memory it is queued like a kernel."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _rng_state(device):
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
@@ -151,27 +159,28 @@ def cached_step(model, batch, collate, chunk_size=None, amp=nullcontext, tempera
     seqs = batch["seqs"]
     device = next(model.parameters()).device
     chunks = make_chunks(seqs, chunk_size, chunk_tokens, device)
+    rows = [to_device(torch.tensor(idx), device) for idx in chunks]  # where each chunk's embeddings go
     emb, states = None, []
     with torch.no_grad():
-        for idx in chunks:
+        for idx, at in zip(chunks, rows):
             states.append(_rng_state(device))
             with amp():
                 e = model(*collate([seqs[i] for i in idx]))
             if emb is None:
                 emb = torch.empty(len(seqs), e.shape[1], device=device)
-            emb[idx] = e.float()
+            emb[at] = e.float()
     emb.requires_grad_(True)
     loss, hard, ib = f2llm_loss(*split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"], temperature,
                                 in_batch_grad=in_batch_grad)
     loss.backward()
     grad = emb.grad
-    for k, idx in enumerate(chunks):
+    for k, (idx, at) in enumerate(zip(chunks, rows)):
         # All but the last chunk accumulate locally; the last one triggers DDP's single all-reduce.
         with (no_sync(model) if k < len(chunks) - 1 else nullcontext()), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             _restore_rng(states[k], device)
             with amp():
                 e = model(*collate([seqs[i] for i in idx]))
-            e.float().backward(grad[idx])
+            e.float().backward(grad[at])
     return loss.detach(), hard, ib
 
 

@@ -137,7 +137,13 @@ def pad(seqs, pad_id, side="right", device="cpu"):
         span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
         input_ids[i, span] = torch.tensor(s)
         attention_mask[i, span] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    return _to(input_ids, device), _to(attention_mask, device)
+
+
+def _to(t, device):
+    """Onto the device without a host sync: on CUDA a copy from pageable memory waits for the whole stream first."""
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def autocast(device):
@@ -152,7 +158,7 @@ def pack(seqs, device="cpu"):
     input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None]
     position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()])[None]
     ends = lengths.cumsum(0) - 1
-    return input_ids.to(device), None, position_ids.to(device), ends.to(device)
+    return _to(input_ids, device), None, _to(position_ids, device), _to(ends, device)
 
 
 @torch.no_grad()
