@@ -1,17 +1,17 @@
-"""The GPU figures: one table of the cached training step's speed, each lever measured in the same run.
+"""The GPU figures: the cached training step's speed, each lever measured in the same run.
 
-    python bench.py --gpu                                   # one H100 or H200, the 0.6B architecture: about 8 minutes
-    python bench.py --gpu --device cpu --size tiny --queries 2 --max-len 48    # the same code as a CPU dry run (tested)
+    python bench.py --gpu                      # one H100 or H200, the 0.6B architecture; stops itself after --budget-s 540
+    python bench.py --gpu --no-checks --profiles full --variants 0 1 2     # a part alone, for a second call
+    python bench.py --gpu --device cpu --size tiny --queries 2 --max-len 48   # the same code as a CPU dry run (tested)
 
 Before timing, on the device itself: packed == padded embeddings through its attention kernel, and the cached
 bf16 gradient against one plain bf16 pass (packed rows go through FlexAttention on a GPU without flash-attn, padded
-ones through sdpa, as train.py and eval.py run them). Then each variant (the baseline, bf16 weights, packing, torch.compile,
-liger-kernel, all together) runs full AdamW steps of `--queries` queries x (query, positive, 7 negatives) on two
-length profiles: every sequence at max length (the 0.6b preset's 1024), and F2LLM-like lengths (queries of a few
-dozen tokens, passages of a few hundred). MFU counts 6 x matrix parameters + causal attention per real token
-(the cache's extra forward is not useful work) against 989 TFLOP/s (H100 and H200, bf16 dense). Last, ours
-against sentence-transformers' CachedMultipleNegativesRankingLoss on the same model, batch and data, and the
-largest chunk of the 1.7B and 4B architectures at max length (the presets' chunk sizes, measured).
+ones through sdpa, as train.py and eval.py run them). Then each variant of VARIANTS runs full AdamW steps of
+`--queries` queries x (query, positive, 7 negatives) on F2LLM-like lengths (queries of a few dozen tokens, passages
+of a few hundred) and at max length (the 0.6b preset's 1024). MFU counts 6 x matrix parameters + causal attention
+per real token (the cache's extra forward is not useful work) against 989 TFLOP/s (H100 and H200, bf16 dense).
+The parts run in the order of what they tell (run): on an H200 the checks and the first row took 373 s and seven
+rows 532 s, so the whole table does not fit one 10-minute call; the budget skips and names what is left.
 """
 import os
 import tempfile
