@@ -164,7 +164,7 @@ def profile_step(step, device, rows=12):
 def largest_chunk(model, tokenizer, packed, max_len, device, amp=nullcontext):
     """The largest chunk (sequences of max_len, or packed tokens) whose forward + backward fits, and its peak GiB."""
     best, peak = None, float("nan")
-    for n in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64):
+    for n in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128):
         seqs = [list(range(1, max_len)) + [tokenizer.eos_token_id]] * n
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -20,7 +20,7 @@ def test_gpu_benchmark_dry_runs_on_cpu():
     assert "embeddings vs first row -" in out  # the first row is the reference of the others
     assert "profile | " in out and "Self CPU time total" in out
     assert "vs sentence-transformers CachedMNRL" in out
-    assert "memory | tiny  | bf16 weights, padded, one GPU | largest chunk 64 x 32" in out
+    assert "memory | tiny  | bf16 weights, padded, one GPU | largest chunk 128 x 32" in out
     assert "skipped past" not in out
 
 
