@@ -104,13 +104,15 @@ def chunk_by_length(seqs, chunk_size):
     return [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
 
 
-def chunk_by_tokens(seqs, chunk_tokens, device="cpu"):
-    """Index lists of the sequences packed into each chunk: as many as chunk_tokens tokens hold (a longer
-    sequence alone). Every rank gets the same number of chunks, because under FSDP a forward is a collective:
-    where a rank has fewer, its largest chunks are split (one small all-reduce)."""
+def chunk_by_tokens(seqs, chunk_tokens, device="cpu", padded=False):
+    """Index lists of the sequences of each chunk, longest first: as many as chunk_tokens tokens hold (a longer
+    sequence alone), counting real tokens for a packed row, or rows x the longest for a padded chunk. Every rank
+    gets the same number of chunks, because under FSDP a forward is a collective: where a rank has fewer, its
+    largest chunks are split (one small all-reduce)."""
     chunks, used = [[]], 0
     for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
-        if chunks[-1] and used + len(seqs[i]) > chunk_tokens:
+        cost = (len(chunks[-1]) + 1) * len(seqs[chunks[-1][0]]) if padded and chunks[-1] else used + len(seqs[i])
+        if chunks[-1] and cost > chunk_tokens:
             chunks.append([])
             used = 0
         chunks[-1].append(i)
@@ -126,9 +128,10 @@ def chunk_by_tokens(seqs, chunk_tokens, device="cpu"):
     return chunks
 
 
-def make_chunks(seqs, chunk_size=None, chunk_tokens=None, device="cpu"):
-    """Padded chunks of chunk_size sequences, or packed chunks of chunk_tokens tokens (collate with model.pack)."""
-    return chunk_by_tokens(seqs, chunk_tokens, device) if chunk_tokens else chunk_by_length(seqs, chunk_size)
+def make_chunks(seqs, chunk_size=None, chunk_tokens=None, device="cpu", padded=False):
+    """Padded chunks of chunk_size sequences; or chunks of chunk_tokens tokens, packed (collate with model.pack) or,
+    with padded, padded rows whose area holds chunk_tokens (collate with model.pad)."""
+    return chunk_by_tokens(seqs, chunk_tokens, device, padded) if chunk_tokens else chunk_by_length(seqs, chunk_size)
 
 
 def to_device(t, device):
@@ -149,16 +152,18 @@ def _restore_rng(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def cached_step(model, batch, collate, chunk_size=None, amp=nullcontext, temperature=TEMPERATURE, in_batch_grad=False, chunk_tokens=None):
+def cached_step(model, batch, collate, chunk_size=None, amp=nullcontext, temperature=TEMPERATURE, in_batch_grad=False, chunk_tokens=None,
+                padded=False):
     """Forward + backward of one batch through the gradient cache; returns (loss, hard, in_batch) detached.
 
     batch: dict(seqs=[queries..., then per query positive + n negatives], n_queries, n_negatives, in_batch).
     collate(list of token lists) -> the model's inputs on its device: model.pad for chunks of chunk_size
-    sequences, model.pack for chunks of chunk_tokens tokens. Every rank runs the same number of chunks.
+    sequences, model.pack for chunks of chunk_tokens tokens (model.pad with padded: chunk_tokens then counts the
+    padding). Every rank runs the same number of chunks.
     """
     seqs = batch["seqs"]
     device = next(model.parameters()).device
-    chunks = make_chunks(seqs, chunk_size, chunk_tokens, device)
+    chunks = make_chunks(seqs, chunk_size, chunk_tokens, device, padded)
     rows = [to_device(torch.tensor(idx), device) for idx in chunks]  # where each chunk's embeddings go
     emb, states = None, []
     with torch.no_grad():
@@ -184,7 +189,7 @@ def cached_step(model, batch, collate, chunk_size=None, amp=nullcontext, tempera
     return loss.detach(), hard, ib
 
 
-def heldout_loss(model, batches, collate, amp, chunk_size, chunk_tokens, temperature=TEMPERATURE):
+def heldout_loss(model, batches, collate, amp, chunk_size, chunk_tokens, temperature=TEMPERATURE, padded=False):
     """Mean held-out loss per source, the same on any number of ranks: each rank embeds its shard of a held-out
     global batch, the shards are gathered, and the loss is computed on the whole batch."""
     sums = {}
@@ -192,7 +197,7 @@ def heldout_loss(model, batches, collate, amp, chunk_size, chunk_tokens, tempera
     with torch.no_grad():
         for b in batches:
             emb = None
-            for idx in make_chunks(b["seqs"], chunk_size, chunk_tokens, next(model.parameters()).device):
+            for idx in make_chunks(b["seqs"], chunk_size, chunk_tokens, next(model.parameters()).device, padded):
                 with amp():
                     e = model(*collate([b["seqs"][i] for i in idx])).float()
                 emb = torch.empty(len(b["seqs"]), e.shape[1], device=e.device) if emb is None else emb

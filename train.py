@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, help="sequences per gradient-cache chunk (preset): sets memory, not the result")
     p.add_argument("--chunk-tokens", type=int, help="pack each chunk's sequences into one row of at most this many tokens, no padding "
                    "computed (replaces --chunk-size)")
+    p.add_argument("--padded", action="store_true", help="with --chunk-tokens: padded rows instead of one packed row, as many as the "
+                   "token budget holds counting the padding (sequences sorted by length, so little)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--temperature", type=float, default=f2llm_loss.TEMPERATURE)
@@ -119,6 +121,8 @@ def parse_args(argv=None):
         p.error(f"--task-type: unknown types {bad}")
     if args.batch_size % args.schedule_world:
         p.error(f"--batch-size {args.batch_size} is not divisible by --schedule-world {args.schedule_world}")
+    if args.padded and args.chunk_tokens is None:
+        p.error("--padded says how --chunk-tokens fills a chunk; give --chunk-tokens too")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out; --overwrite deletes it: pick one")
     args.data = os.path.normpath(args.data) if args.data and os.path.exists(args.data) else args.data  # dir/ == dir
@@ -223,10 +227,11 @@ def train(args, rank, local_rank, world, device):
 
     # ---- model: the size's Qwen3 (or --model); a resumed run's weights come from the training state -----------
     model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed,
-                                        packed=args.chunk_tokens is not None)
+                                        packed=args.chunk_tokens is not None and not args.padded)
     print0(f"model {args.model or args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, "
            f"{model.backbone.config._attn_implementation} attention, {world} rank(s) on {device.type}")
-    collate = (lambda seqs: f2llm_model.pack(seqs, device)) if args.chunk_tokens else (lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device))
+    packed = args.chunk_tokens is not None and not args.padded
+    collate = (lambda seqs: f2llm_model.pack(seqs, device)) if packed else (lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device))
     tokenizer_id = data.tokenizer_digest(tokenizer)
     if summary and summary["tokenizer"] != tokenizer_id:
         raise SystemExit(f"--resume: the tokenizer of {args.model or args.size} differs from the one the checkpoint was trained with")
@@ -277,7 +282,8 @@ def train(args, rank, local_rank, world, device):
         write(dict(step=step, eval={r["task"]: r["main_score"] for r in results}))
 
     def run_validation(step):
-        val, per_source = f2llm_loss.heldout_loss(model, batches.validation(), collate, amp, args.chunk_size, args.chunk_tokens, args.temperature)
+        val, per_source = f2llm_loss.heldout_loss(model, batches.validation(), collate, amp, args.chunk_size, args.chunk_tokens, args.temperature,
+                                                  args.padded)
         if val is not None:
             print0(f"val step {step} | loss {val:.4f} | " + " | ".join(f"{k} {v:.4f}" for k, v in per_source.items()))
             write(dict(step=step, val_loss=val, val=per_source))
@@ -303,7 +309,8 @@ def train(args, rank, local_rank, world, device):
         lr = lr_at(step, args, length)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, args.chunk_size, amp, args.temperature, args.in_batch_grad, args.chunk_tokens)
+        loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, args.chunk_size, amp, args.temperature, args.in_batch_grad, args.chunk_tokens,
+                                                args.padded)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         # One all-reduce and one host sync per step: losses, gradient norm, token counts and the stop flag.

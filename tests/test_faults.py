@@ -200,6 +200,7 @@ def test_resume_refuses_changed_data_and_keeps_its_cache(data_dir, tmp_path, mon
     (["--temperature", "-1"], "--temperature must be positive"), (["--clip", "0"], "--clip must be positive"),
     (["--lr", "0"], "--lr must be positive"), (["--chunk-size", "0"], "--chunk-size must be at least 1"),
     (["--task-type", "foo"], "--task-type takes SOURCE=TYPE"), (["--resume", "--overwrite"], "pick one"),
+    (["--padded"], "give --chunk-tokens too"),
 ])
 def test_bad_flags_are_refused_before_anything_is_loaded(flags, message, capsys):
     with pytest.raises(SystemExit):

@@ -107,6 +107,30 @@ def test_packed_chunks_equal_padded(tiny, chunk_tokens):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("chunk_tokens", [60, 200, 10_000])
+def test_padded_token_chunks_equal_uncached(tiny, chunk_tokens):
+    # --chunk-tokens N --padded: padded chunks of as many sequences as N tokens hold counting the padding (a longer
+    # sequence alone); the gradient cache gives the uncached loss and gradients whatever the split.
+    model, tokenizer = tiny
+    batch = make_batch(tokenizer, 5, 3, True)
+    chunks = f2llm_loss.make_chunks(batch["seqs"], chunk_tokens=chunk_tokens, padded=True)
+    assert sorted(i for c in chunks for i in c) == list(range(len(batch["seqs"])))
+    for c in chunks:
+        assert len(c) == 1 or len(c) * max(len(batch["seqs"][i]) for i in c) <= chunk_tokens
+    assert (len(chunks) == 1) == (chunk_tokens == 10_000)
+    collate = lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id)
+    model.zero_grad()
+    ref_loss = uncached_step(model, batch, collate)
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = f2llm_loss.cached_step(model, batch, collate, chunk_tokens=chunk_tokens, padded=True)[0]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    scale = max(g.abs().max().item() for g in ref.values())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
+    model.zero_grad()
+
+
 def test_flex_attention_packed_rows_embed_as_padded(tokenizer):
     # The packed path on GPUs without flash-attn: FlexAttention with the block mask transformers builds from the
     # position ids. Forward only (FlexAttention has no backward on CPU; bench.py --gpu checks its gradient).
