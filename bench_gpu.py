@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
+from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,16 +30,18 @@ import model as f2llm_model
 import train
 
 PEAK_TFLOPS = 989.0
-VARIANTS = [  # name, precision, packed, compile, liger, chunk multiple (of --chunk-size sequences or --chunk-tokens)
-    ("baseline: fp32 weights + bf16 autocast, padded", "fp32", False, False, False, 1),
-    ("bf16 weights (FSDP2 mixed precision)", "bf16", False, False, False, 1),
-    ("bf16, 4x larger chunks", "bf16", False, False, False, 4),
-    ("bf16 + liger-kernel", "bf16", False, False, True, 1),
-    ("bf16 + packing", "bf16", True, False, False, 1),
-    ("bf16 + packing, 4x larger chunks", "bf16", True, False, False, 4),
-    ("bf16 + packing + liger, 4x larger chunks", "bf16", True, False, True, 4),
-    ("bf16 + packing + torch.compile", "bf16", True, True, False, 1),
-    ("all: bf16 + packing + compile + liger", "bf16", True, True, True, 1),
+Variant = namedtuple("Variant", "name precision chunks compile liger scale")  # chunks: sequences, tokens (padded) or packed;
+VARIANTS = [                                                                   # scale: x --chunk-size or --chunk-tokens
+    Variant("baseline: fp32 weights + bf16 autocast, padded", "fp32", "sequences", False, False, 1),
+    Variant("bf16 weights (FSDP2 mixed precision)", "bf16", "sequences", False, False, 1),
+    Variant("bf16, 4x larger chunks", "bf16", "sequences", False, False, 4),
+    Variant("bf16, padded chunks by tokens", "bf16", "tokens", False, False, 1),
+    Variant("bf16 + liger-kernel", "bf16", "sequences", False, True, 1),
+    Variant("bf16 + packing", "bf16", "packed", False, False, 1),
+    Variant("bf16 + packing, 4x larger chunks", "bf16", "packed", False, False, 4),
+    Variant("bf16 + packing + liger, 4x larger chunks", "bf16", "packed", False, True, 4),
+    Variant("bf16 + packing + torch.compile", "bf16", "packed", True, False, 1),
+    Variant("all: bf16 + packing + compile + liger", "bf16", "packed", True, True, 1),
 ]
 
 
@@ -110,17 +113,18 @@ def checks(size, max_len, device):
 
 
 def amp_for(variant, device):
-    return (lambda: f2llm_model.autocast(device)) if variant[1] == "fp32" else nullcontext
+    return (lambda: f2llm_model.autocast(device)) if variant.precision == "fp32" else nullcontext
 
 
 def make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device):
     """One full training step as train.py runs it: cached forward + backward, clipping, AdamW."""
-    packed = variant[2]
+    by_tokens = variant.chunks != "sequences"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
-    amp, collate = amp_for(variant, device), collate_for(packed, tokenizer, device)
+    amp, collate = amp_for(variant, device), collate_for(variant.chunks == "packed", tokenizer, device)
 
     def step():
-        f2llm_loss.cached_step(model, batch, collate, chunk_size, amp, chunk_tokens=chunk_tokens if packed else None)
+        f2llm_loss.cached_step(model, batch, collate, chunk_size, amp, chunk_tokens=chunk_tokens if by_tokens else None,
+                               padded=variant.chunks == "tokens")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -142,7 +146,7 @@ def step_time(step, repeats):
 def embeddings(model, tokenizer, variant, seqs, device):
     """The variant's embeddings of a fixed batch, in the mode of the cache's first pass (no grad, training mode)."""
     with amp_for(variant, device)():
-        return model(*collate_for(variant[2], tokenizer, device)(seqs)).float()
+        return model(*collate_for(variant.chunks == "packed", tokenizer, device)(seqs)).float()
 
 
 def profile_step(step, device, rows=12):
@@ -258,12 +262,12 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
             print(f"FAILED {what}: {type(e).__name__}: {str(e)[:500]}", flush=True)
 
     def rows(profile, compiled):
-        for variant in (v for v in chosen if v[3] == compiled):
-            if (variant[3] or variant[4]) and device.type != "cuda" or variant[4] and not _has_liger():
-                print(f"{profile:5} | {variant[0]:46} | skipped: {'needs CUDA' if device.type != 'cuda' else 'liger-kernel not installed'}")
+        for variant in (v for v in chosen if v.compile == compiled):
+            if (variant.compile or variant.liger) and device.type != "cuda" or variant.liger and not _has_liger():
+                print(f"{profile:5} | {variant.name:46} | skipped: {'needs CUDA' if device.type != 'cuda' else 'liger-kernel not installed'}")
                 continue
             with _qwen3_module_restored():  # liger patches transformers' Qwen3 module for every model built after it
-                result = attempt(f"{profile} | {variant[0]}", measure, profile, variant, batches[profile], probe, state["reference"], size,
+                result = attempt(f"{profile} | {variant.name}", measure, profile, variant, batches[profile], probe, state["reference"], size,
                                  max_len, chunk_size, chunk_tokens, device, repeats, start)
             if result is None:
                 continue
@@ -271,7 +275,7 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
             if state["reference"] is None:
                 state["reference"] = emb
             if diff is not None and diff > 3e-2:
-                failures.append(f"{variant[0]} embeddings")
+                failures.append(f"{variant.name} embeddings")
             if state["best"] is None or profile == "f2llm" and seconds < state["best"][0]:
                 state["best"] = (seconds, variant, batches[profile], tokenizer)
 
@@ -285,7 +289,7 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
             seconds, variant, batch, tokenizer = state["best"]
             if profile_step_too:
                 with _qwen3_module_restored():
-                    attempt(f"profile of {variant[0]}", profile_variant, variant, batch, size, chunk_size, chunk_tokens, device)
+                    attempt(f"profile of {variant.name}", profile_variant, variant, batch, size, chunk_size, chunk_tokens, device)
             with _qwen3_module_restored():
                 attempt("sentence-transformers comparison", against_sentence_transformers, size, batch, seconds, chunk_size, device, tokenizer)
         for other in memory_sizes:
@@ -309,22 +313,22 @@ def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model, tokenizer = build(size, variant[1], variant[3], variant[4], device, packed=variant[2])
+    model, tokenizer = build(size, variant.precision, variant.compile, variant.liger, device, packed=variant.chunks == "packed")
     emb = embeddings(model, tokenizer, variant, probe, device)
     diff = None if reference is None else (emb - reference).abs().max().item()
-    chunk_size, chunk_tokens = chunk_size * variant[5], chunk_tokens * variant[5]
+    chunk_size, chunk_tokens = chunk_size * variant.scale, chunk_tokens * variant.scale
     step = make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device)
     tokens = sum(map(len, batch["seqs"]))
     try:
         seconds = step_time(step, repeats)
     except torch.OutOfMemoryError:
-        print(f"{profile:5} | {variant[0]:46} | out of memory", flush=True)
+        print(f"{profile:5} | {variant.name:46} | out of memory", flush=True)
         return None
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     mfu = model_flops(model, batch["seqs"]) / seconds / (PEAK_TFLOPS * 1e12)
-    fits = largest_chunk(model, tokenizer, variant[2], max_len, device, amp_for(variant, device))[0] if profile == "full" else "-"
-    chunk = f"{chunk_tokens:,} tok" if variant[2] else f"{chunk_size} seq"
-    print(f"{profile:5} | {variant[0]:46} | chunk {chunk:>10} | {seconds:7.2f} s/step | {tokens / seconds:>9,.0f} tok/s | MFU {mfu:5.1%} | "
+    fits = largest_chunk(model, tokenizer, variant.chunks == "packed", max_len, device, amp_for(variant, device))[0] if profile == "full" else "-"
+    chunk = f"{chunk_size} seq" if variant.chunks == "sequences" else f"{chunk_tokens:,} tok"
+    print(f"{profile:5} | {variant.name:46} | chunk {chunk:>10} | {seconds:7.2f} s/step | {tokens / seconds:>9,.0f} tok/s | MFU {mfu:5.1%} | "
           f"peak {memory:5.1f} GiB | largest chunk {fits} | embeddings vs first row {'-' if diff is None else f'{diff:.1e}'} | "
           f"at {time.perf_counter() - start:.0f} s", flush=True)
     return seconds, emb, tokenizer, diff
@@ -332,9 +336,9 @@ def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size
 
 def profile_variant(variant, batch, size, chunk_size, chunk_tokens, device):
     """The variant rebuilt (the table keeps no model, so its peaks are its own), one warm-up step, one profiled."""
-    print(f"profile of one step: {variant[0]}", flush=True)
-    model, tokenizer = build(size, variant[1], variant[3], variant[4], device, packed=variant[2])
-    step = make_step(model, tokenizer, batch, variant, chunk_size * variant[5], chunk_tokens * variant[5], device)
+    print(f"profile of one step: {variant.name}", flush=True)
+    model, tokenizer = build(size, variant.precision, variant.compile, variant.liger, device, packed=variant.chunks == "packed")
+    step = make_step(model, tokenizer, batch, variant, chunk_size * variant.scale, chunk_tokens * variant.scale, device)
     step()
     profile_step(step, device)
 

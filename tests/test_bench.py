@@ -14,7 +14,8 @@ def test_gpu_benchmark_dry_runs_on_cpu():
     out = done.stdout
     assert "check: packed (sdpa) vs padded (sdpa) embeddings" in out and "check: cached packed (sdpa) vs plain padded" in out and "checks passed" in out
     for profile in ("full", "f2llm"):
-        for variant in ("baseline: fp32 weights", "bf16 weights (FSDP2", "bf16, 4x larger chunks", "bf16 + packing  ", "bf16 + packing, 4x"):
+        for variant in ("baseline: fp32 weights", "bf16 weights (FSDP2", "bf16, 4x larger chunks", "bf16, padded chunks by tokens",
+                        "bf16 + packing  ", "bf16 + packing, 4x"):
             assert any(line.startswith(profile) and variant in line and "tok/s" in line for line in out.splitlines()), (profile, variant)
     assert "chunk     32 seq" in out and "chunk    512 tok" in out  # the 4x rows run 4x the chunk
     assert "embeddings vs first row -" in out  # the first row is the reference of the others
