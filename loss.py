@@ -164,7 +164,7 @@ def cached_step(model, batch, collate, chunk_size=None, amp=nullcontext, tempera
     seqs = batch["seqs"]
     device = next(model.parameters()).device
     chunks = make_chunks(seqs, chunk_size, chunk_tokens, device, padded)
-    rows = [to_device(torch.tensor(idx), device) for idx in chunks]  # where each chunk's embeddings go
+    rows = to_device(torch.tensor([i for idx in chunks for i in idx]), device).split([len(idx) for idx in chunks])  # each chunk's rows
     emb, states = None, []
     with torch.no_grad():
         for idx, at in zip(chunks, rows):

@@ -226,11 +226,10 @@ def train(args, rank, local_rank, world, device):
     files, identity, tasks = distributed.broadcast((files, identity, tasks) if master else None)
 
     # ---- model: the size's Qwen3 (or --model); a resumed run's weights come from the training state -----------
-    model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed,
-                                        packed=args.chunk_tokens is not None and not args.padded)
+    packed = args.chunk_tokens is not None and not args.padded
+    model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed, packed=packed)
     print0(f"model {args.model or args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, "
            f"{model.backbone.config._attn_implementation} attention, {world} rank(s) on {device.type}")
-    packed = args.chunk_tokens is not None and not args.padded
     collate = (lambda seqs: f2llm_model.pack(seqs, device)) if packed else (lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device))
     tokenizer_id = data.tokenizer_digest(tokenizer)
     if summary and summary["tokenizer"] != tokenizer_id:
