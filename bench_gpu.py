@@ -16,7 +16,7 @@ rows 532 s, so the whole table does not fit one 10-minute call; the budget skips
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -30,8 +30,14 @@ import model as f2llm_model
 import train
 
 PEAK_TFLOPS = 989.0
-Variant = namedtuple("Variant", "name precision chunks compile liger scale")  # chunks: sequences, tokens (padded) or packed;
-VARIANTS = [                                                                   # scale: x --chunk-size or --chunk-tokens
+
+
+class Variant(namedtuple("Variant", "name precision chunks compile liger scale")):
+    """chunks: "sequences" (--chunk-size), "tokens" (padded, --chunk-tokens) or "packed"; scale: times that size."""
+    packed = property(lambda self: self.chunks == "packed")
+
+
+VARIANTS = [
     Variant("baseline: fp32 weights + bf16 autocast, padded", "fp32", "sequences", False, False, 1),
     Variant("bf16 weights (FSDP2 mixed precision)", "bf16", "sequences", False, False, 1),
     Variant("bf16, 4x larger chunks", "bf16", "sequences", False, False, 4),
@@ -116,15 +122,19 @@ def amp_for(variant, device):
     return (lambda: f2llm_model.autocast(device)) if variant.precision == "fp32" else nullcontext
 
 
+def build_variant(size, variant, device):
+    return build(size, variant.precision, variant.compile, variant.liger, device, packed=variant.packed)
+
+
 def make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device):
-    """One full training step as train.py runs it: cached forward + backward, clipping, AdamW."""
-    by_tokens = variant.chunks != "sequences"
+    """One full training step as train.py runs it: cached forward + backward, clipping, AdamW; chunks of the run's
+    size times the variant's scale."""
+    chunk_size, chunk_tokens = chunk_size * variant.scale, chunk_tokens * variant.scale if variant.chunks != "sequences" else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
-    amp, collate = amp_for(variant, device), collate_for(variant.chunks == "packed", tokenizer, device)
+    amp, collate = amp_for(variant, device), collate_for(variant.packed, tokenizer, device)
 
     def step():
-        f2llm_loss.cached_step(model, batch, collate, chunk_size, amp, chunk_tokens=chunk_tokens if by_tokens else None,
-                               padded=variant.chunks == "tokens")
+        f2llm_loss.cached_step(model, batch, collate, chunk_size, amp, chunk_tokens=chunk_tokens, padded=variant.chunks == "tokens")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -146,7 +156,7 @@ def step_time(step, repeats):
 def embeddings(model, tokenizer, variant, seqs, device):
     """The variant's embeddings of a fixed batch, in the mode of the cache's first pass (no grad, training mode)."""
     with amp_for(variant, device)():
-        return model(*collate_for(variant.chunks == "packed", tokenizer, device)(seqs)).float()
+        return model(*collate_for(variant.packed, tokenizer, device)(seqs)).float()
 
 
 def profile_step(step, device, rows=12):
@@ -290,8 +300,7 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
             if profile_step_too:
                 with _qwen3_module_restored():
                     attempt(f"profile of {variant.name}", profile_variant, variant, batch, size, chunk_size, chunk_tokens, device)
-            with _qwen3_module_restored():
-                attempt("sentence-transformers comparison", against_sentence_transformers, size, batch, seconds, chunk_size, device, tokenizer)
+            attempt("sentence-transformers comparison", against_sentence_transformers, size, batch, seconds, chunk_size, device, tokenizer)
         for other in memory_sizes:
             attempt(f"memory {other}", chunk_memory, other, max_len, device)
         if "full" in profiles:
@@ -309,14 +318,13 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
 
 def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size, chunk_tokens, device, repeats, start):
     """One row of the table: the variant's step time, MFU, peak memory, largest chunk, and its embeddings of a fixed
-    batch against the baseline's (same seed, so the same weights)."""
+    batch against the first row's (same seed, so the same weights)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model, tokenizer = build(size, variant.precision, variant.compile, variant.liger, device, packed=variant.chunks == "packed")
+    model, tokenizer = build_variant(size, variant, device)
     emb = embeddings(model, tokenizer, variant, probe, device)
     diff = None if reference is None else (emb - reference).abs().max().item()
-    chunk_size, chunk_tokens = chunk_size * variant.scale, chunk_tokens * variant.scale
     step = make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device)
     tokens = sum(map(len, batch["seqs"]))
     try:
@@ -326,8 +334,8 @@ def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size
         return None
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     mfu = model_flops(model, batch["seqs"]) / seconds / (PEAK_TFLOPS * 1e12)
-    fits = largest_chunk(model, tokenizer, variant.chunks == "packed", max_len, device, amp_for(variant, device))[0] if profile == "full" else "-"
-    chunk = f"{chunk_size} seq" if variant.chunks == "sequences" else f"{chunk_tokens:,} tok"
+    fits = largest_chunk(model, tokenizer, variant.packed, max_len, device, amp_for(variant, device))[0] if profile == "full" else "-"
+    chunk = f"{chunk_size * variant.scale} seq" if variant.chunks == "sequences" else f"{chunk_tokens * variant.scale:,} tok"
     print(f"{profile:5} | {variant.name:46} | chunk {chunk:>10} | {seconds:7.2f} s/step | {tokens / seconds:>9,.0f} tok/s | MFU {mfu:5.1%} | "
           f"peak {memory:5.1f} GiB | largest chunk {fits} | embeddings vs first row {'-' if diff is None else f'{diff:.1e}'} | "
           f"at {time.perf_counter() - start:.0f} s", flush=True)
@@ -337,21 +345,21 @@ def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size
 def profile_variant(variant, batch, size, chunk_size, chunk_tokens, device):
     """The variant rebuilt (the table keeps no model, so its peaks are its own), one warm-up step, one profiled."""
     print(f"profile of one step: {variant.name}", flush=True)
-    model, tokenizer = build(size, variant.precision, variant.compile, variant.liger, device, packed=variant.chunks == "packed")
-    step = make_step(model, tokenizer, batch, variant, chunk_size * variant.scale, chunk_tokens * variant.scale, device)
+    model, tokenizer = build_variant(size, variant, device)
+    step = make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device)
     step()
     profile_step(step, device)
 
 
-class _qwen3_module_restored:
+@contextmanager
+def _qwen3_module_restored():
     """liger-kernel replaces functions and classes in transformers' Qwen3 module itself; put them back afterwards."""
-
-    def __enter__(self):
-        from transformers.models.qwen3 import modeling_qwen3
-        self.module, self.saved = modeling_qwen3, dict(vars(modeling_qwen3))
-
-    def __exit__(self, *exc):
-        vars(self.module).update(self.saved)
+    from transformers.models.qwen3 import modeling_qwen3
+    saved = dict(vars(modeling_qwen3))
+    try:
+        yield
+    finally:
+        vars(modeling_qwen3).update(saved)
 
 
 def _has_liger():

@@ -152,6 +152,7 @@ def test_compiled_layers_give_the_eager_gradient(tokenizer):
     # shapes, chunks of changing sizes, packed rows included: the cached step's loss and every gradient are the eager
     # model's (fp32). The GPU kernels are bench.py --gpu's to check.
     import train
+    torch._dynamo.utils.counters.clear()  # so the count below is this test's
     args = SimpleNamespace(liger=False, compile=True, precision="fp32", fsdp=False)
     eager = f2llm_model.load("tiny")[0]
     compiled = train.parallelize(f2llm_model.load("tiny")[0], args, 1, 0, torch.device("cpu"))  # same seed, same weights
