@@ -3,6 +3,7 @@
     python bench.py          # CPU rows on the tiny Qwen3 and the built-in data (a few minutes on 2 cores)
     python bench.py --gpu    # on one CUDA GPU: the 0.6B step, each speed lever, against sentence-transformers (bench_gpu.py)
     python bench.py --data-rows 1000000   # check + tokenize a synthetic 1M-row source: time and peak memory
+    python bench.py --ops 0.6b            # the aten operations one gradient-cache chunk dispatches (host work per chunk)
 
 Rows: gradient-cache overhead, memory flat in batch size, padding of length-grouped chunks, throughput
 against sentence-transformers' CachedMultipleNegativesRankingLoss, and retrieval scoring against pytrec_eval.
@@ -21,6 +22,7 @@ import torch
 import builtin
 import checkpoint
 import data
+import distributed
 import metrics
 import loss as f2llm_loss
 import model as f2llm_model
@@ -256,11 +258,16 @@ def main():
     p.add_argument("--profiles", nargs="+", default=["full", "f2llm"], choices=["full", "f2llm"], help="--gpu: length profiles to time")
     p.add_argument("--variants", nargs="+", type=int, help="--gpu: rows of bench_gpu.VARIANTS to time (default: all)")
     p.add_argument("--no-checks", action="store_true", help="--gpu: skip the device checks")
-    p.add_argument("--no-profile", action="store_true", help="--gpu: skip the profile of one step")
+    p.add_argument("--no-profile", action="store_true", help="--gpu: skip the operation count and the profile of one step")
     p.add_argument("--budget-s", type=float, default=540, help="--gpu: skip what is left after this many seconds (a lent GPU's call is 600 s)")
+    p.add_argument("--ops", metavar="SIZE", help="only the aten operations one gradient-cache chunk of this architecture dispatches")
     p.add_argument("--mine", type=int, metavar="PAIRS", help="only the mining row, on this many built-in pairs")
     p.add_argument("--data-rows", type=int, help="only the data-loading row, on a synthetic source of this many rows (1000000: minutes)")
     args = p.parse_args()
+    if args.ops:
+        import bench_gpu
+        with distributed.process_group(1, torch.device("cpu"), needed=True):
+            bench_gpu.operations(args.ops, torch.device("cpu"))
     if args.mine:
         return print(row_mining(args.mine)[0])
     if args.data_rows:

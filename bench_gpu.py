@@ -8,8 +8,9 @@ Before timing, on the device itself: packed == padded embeddings through its att
 bf16 gradient against one plain bf16 pass (packed rows go through FlexAttention on a GPU without flash-attn, padded
 ones through sdpa, as train.py and eval.py run them). Then each variant of VARIANTS runs full AdamW steps of
 `--queries` queries x (query, positive, 7 negatives) on F2LLM-like lengths (queries of a few dozen tokens, passages
-of a few hundred) and at max length (the 0.6b preset's 1024). MFU counts 6 x matrix parameters + causal attention
-per real token (the cache's extra forward is not useful work) against 989 TFLOP/s (H100 and H200, bf16 dense).
+of a few hundred) and at max length (the 0.6b preset's 1024), after counting the operations the host issues per
+chunk. MFU counts 6 x matrix parameters + causal attention per real token (the cache's extra forward is not useful
+work) against 989 TFLOP/s (H100 and H200, bf16 dense).
 The parts run in the order of what they tell (run): on an H200 the checks and the first row took 373 s and seven
 rows 532 s, so the whole table does not fit one 10-minute call; the budget skips and names what is left.
 """
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
 import distributed
@@ -46,6 +48,7 @@ VARIANTS = [
     Variant("bf16 + packing", "bf16", "packed", False, False, 1),
     Variant("bf16 + packing, 4x larger chunks", "bf16", "packed", False, False, 4),
     Variant("bf16 + packing + liger, 4x larger chunks", "bf16", "packed", False, True, 4),
+    Variant("bf16 + torch.compile, padded (sdpa)", "bf16", "sequences", True, False, 1),
     Variant("bf16 + packing + torch.compile", "bf16", "packed", True, False, 1),
     Variant("all: bf16 + packing + compile + liger", "bf16", "packed", True, True, 1),
 ]
@@ -175,6 +178,34 @@ def profile_step(step, device, rows=12):
     print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
+class _Operations(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it."""
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations(size, device, variants=VARIANTS[:2], tokens=48, rows=4):
+    """Host work per chunk, whatever the chunk's size: the aten operations one chunk's no-grad forward, forward and
+    backward dispatch, each issued by the host one by one (on a GPU, a kernel launch or more each)."""
+    for variant in variants:
+        model, tokenizer = build_variant(size, variant, device)
+        seqs = [list(range(1, tokens - i)) + [tokenizer.eos_token_id] for i in range(rows)]
+        amp, collate = amp_for(variant, device), collate_for(variant.packed, tokenizer, device)
+        for _ in range(2):  # the first pass pays one-time work (lazy initialisation); the second is counted
+            with _Operations() as no_grad, torch.no_grad(), amp():
+                model(*collate(seqs))
+            with _Operations() as forward, amp():
+                emb = model(*collate(seqs))
+            with _Operations() as backward:
+                emb.float().sum().backward()
+            model.zero_grad(set_to_none=True)
+        print(f"operations per chunk | {variant.name:46} | no-grad forward {no_grad.n:,} | forward {forward.n:,} | "
+              f"backward {backward.n:,} | in all {no_grad.n + forward.n + backward.n:,}", flush=True)
+
+
 def largest_chunk(model, tokenizer, packed, max_len, device, amp=nullcontext):
     """The largest chunk (sequences of max_len, or packed tokens) whose forward + backward fits, and its peak GiB."""
     best, peak = None, float("nan")
@@ -292,6 +323,8 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
     with distributed.process_group(1, device, needed=True):
         if checks_first and attempt("checks", checks, size, max_len, device) is False:
             failures.append("checks")
+        if profile_step_too:  # where a step's time goes, part 1: the host's work per chunk
+            attempt("operations per chunk", operations, size, device)
         print(f"({time.perf_counter() - start:.0f} s)", flush=True)
         if "f2llm" in profiles:
             rows("f2llm", compiled=False)

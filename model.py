@@ -8,6 +8,7 @@ hidden state (after the last norm) at that EOS is the embedding. Similarity is c
     model, tokenizer = load("tiny")            # small random Qwen3, real vocabulary, no download
     vectors = encode(model, tokenizer, texts, prompt=query_prompt(instruction))
 """
+import functools
 import importlib.util
 import os
 import shutil
@@ -16,6 +17,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
@@ -85,21 +87,55 @@ class Encoder(nn.Module):
         self.backbone = backbone
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, ends=None):
-        """A padded batch (input_ids, attention_mask), or sequences packed into one row (input_ids [1, T],
-        position_ids restarting at 0 for each sequence, ends = each sequence's last index): no padding computed.
-        For a packed row transformers builds an attention that stops at sequence boundaries from the position ids
-        (a dense mask for sdpa, a block mask that skips whole blocks for flex attention, variable-length kernels for
-        flash attention)."""
-        if attention_mask is not None:
-            # Positions count real tokens only, so left and right padding give the same rotary angles.
-            position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-            # The last real token is the appended EOS; find it from the mask, never from ids (eos may equal pad).
-            ends = attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        """A padded batch (input_ids, attention_mask; no mask: no padding), or sequences packed into one row
+        (input_ids [1, T], position_ids restarting at 0 for each sequence, ends = each sequence's last index): no
+        padding computed. Attention stops at padding and at sequence boundaries (attention_masks)."""
+        n, width = input_ids.shape
+        if ends is None:
+            if attention_mask is None:
+                position_ids = torch.arange(width, device=input_ids.device).expand(n, width)
+                ends = torch.full((n,), width - 1, device=input_ids.device)
+            else:
+                # Positions count real tokens only, so left and right padding give the same rotary angles.
+                position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+                # The last real token is the appended EOS; find it from the mask, never from ids (eos may equal pad).
+                ends = attention_mask.shape[1] - 1 - attention_mask.flip(1).int().argmax(1)
+            rows = torch.arange(n, device=input_ids.device)
+            docs = None if attention_mask is None else attention_mask.long() - 1  # padding: a sequence of its own
         else:
             rows = torch.zeros_like(ends)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+            docs = torch.searchsorted(ends, torch.arange(width, device=ends.device))[None]  # each token's sequence
+        masks = attention_masks(self.backbone.config._attn_implementation, docs, attention_mask, width, input_ids.device)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=masks, position_ids=position_ids, use_cache=False).last_hidden_state
         return F.normalize(hidden[rows, ends].float(), dim=-1)
+
+
+def attention_masks(implementation, docs, attention_mask, width, device):
+    """Qwen3's attention mask, built from what the caller knows instead of read back from the device: a token sees
+    the tokens before it in its own sequence (docs: each token's sequence, [n, width]; None: one per row). Left to
+    itself, transformers decides whether a batch is padded or packed by reading tensors back to the host, a sync
+    that stalls the GPU at every forward. Padding counts as a sequence of its own, so no row is empty; real tokens
+    see what they would in transformers' mask. flash-attention keeps transformers' path (its variable-length kernels
+    need the lengths on the host anyway)."""
+    if implementation == "sdpa":
+        if docs is None:
+            return {"full_attention": None}  # sdpa's own causal kernel
+        causal = torch.ones(width, width, dtype=torch.bool, device=docs.device).tril()
+        return {"full_attention": (docs[:, :, None] == docs[:, None, :])[:, None] & causal}
+    if implementation == "flex_attention":  # a block mask: whole blocks between sequences are skipped
+        if docs is None:
+            mask_mod, rows = (lambda b, h, q, kv: q >= kv), None
+        else:
+            mask_mod, rows = (lambda b, h, q, kv: (docs[b, q] == docs[b, kv]) & (q >= kv)), docs.shape[0]
+        build = _block_mask_compiled() if torch.device(device).type == "cuda" else create_block_mask
+        return {"full_attention": build(mask_mod, rows, None, width, width, device=device)}
+    return attention_mask
+
+
+@functools.cache
+def _block_mask_compiled():
+    """create_block_mask through torch.compile, as transformers runs it on GPUs: it never holds the T x T mask."""
+    return torch.compile(create_block_mask)
 
 
 def load(name="tiny", random_init=False, device="cpu", seed=0, packed=False):
@@ -129,8 +165,11 @@ def tokenize(tokenizer, texts, max_len):
 
 
 def pad(seqs, pad_id, side="right", device="cpu"):
-    """Batch token lists; the mask comes from lengths, not from comparing ids with pad_id."""
+    """Batch token lists: (input_ids, attention_mask). The mask comes from lengths, not from comparing ids with pad_id;
+    None when no sequence is padded, so attention takes the plain causal kernel without looking at the mask."""
     width = max(len(s) for s in seqs)
+    if all(len(s) == width for s in seqs):
+        return _to(torch.tensor(seqs, dtype=torch.long), device), None
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -19,6 +19,7 @@ def test_gpu_benchmark_dry_runs_on_cpu():
             assert any(line.startswith(profile) and variant in line and "tok/s" in line for line in out.splitlines()), (profile, variant)
     assert "chunk     32 seq" in out and "chunk    512 tok" in out  # the 4x rows run 4x the chunk
     assert "embeddings vs first row -" in out  # the first row is the reference of the others
+    assert "operations per chunk | baseline" in out and "operations per chunk | bf16 weights" in out
     assert "profile | " in out and "Self CPU time total" in out
     assert "vs sentence-transformers CachedMNRL" in out
     assert "memory | tiny  | bf16 weights, padded, one GPU | largest chunk 128 x 32" in out
@@ -30,5 +31,5 @@ def test_gpu_benchmark_skips_what_is_left_past_its_budget():
                           cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "tok/s" not in done.stdout
-    assert ("skipped past the 0.0 s budget: f2llm | baseline: fp32 weights + bf16 autocast, padded; f2llm | bf16 weights (FSDP2 mixed "
+    assert ("skipped past the 0.0 s budget: operations per chunk; f2llm | baseline: fp32 weights + bf16 autocast, padded; f2llm | bf16 weights (FSDP2 mixed "
             "precision); memory tiny") in done.stdout

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import ROOT  # noqa: F401  (puts the project on sys.path)
 
@@ -65,3 +66,55 @@ def test_size_presets_have_qwen3_parameter_counts():
         with torch.device("meta"):
             counts[size] = sum(p.numel() for p in f2llm_model.Qwen3Model(config).parameters())
     assert counts == {"0.6b": 596_049_920, "1.7b": 1_720_574_976, "4b": 4_022_468_096}
+
+
+def transformers_way(model, input_ids, attention_mask=None, position_ids=None, ends=None):
+    """The embedding with the mask transformers builds itself from the 2D mask or the packed position ids."""
+    if ends is None:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        position_ids, rows = (mask.cumsum(1) - 1).clamp(min=0), torch.arange(len(input_ids))
+        ends = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+        hidden = model.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    else:
+        rows = torch.zeros_like(ends)
+        hidden = model.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    return torch.nn.functional.normalize(hidden[rows, ends].float(), dim=-1)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+def test_own_attention_masks_give_transformers_embeddings(tokenizer, attention):
+    # The encoder builds its masks from lengths it knows (no read back from the device); each real token must
+    # see exactly what transformers' own mask shows it: right and left padding, none, packed rows. FlexAttention
+    # forward only (no backward on CPU).
+    model = f2llm_model.load("tiny")[0]  # its own copy: the attention is switched
+    model.backbone.set_attn_implementation(attention)
+    seqs = f2llm_model.tokenize(tokenizer, ["short", "a somewhat longer text with many more tokens than the first " * 12,
+                                            "mid size text"], 512)
+    inputs = [f2llm_model.pad(seqs, tokenizer.pad_token_id, "right"), f2llm_model.pad(seqs, tokenizer.pad_token_id, "left"),
+              f2llm_model.pad([seqs[1][:6], seqs[1][6:12]], tokenizer.pad_token_id), f2llm_model.pack(seqs)]
+    assert inputs[2][1] is None  # nothing padded: no mask, the plain causal kernel
+    with torch.no_grad():
+        for args in inputs:
+            torch.testing.assert_close(model(*args), transformers_way(model, *args), atol=1e-6, rtol=0)
+
+
+def test_a_forward_and_backward_never_read_the_device_back(tokenizer):
+    # A host sync per forward lets the GPU drain while the host is still issuing the next kernels. On the meta
+    # device a tensor has no values, so anything that reads one back (.item(), a tensor's truth value) raises: the
+    # whole cached step, padded and packed chunks, runs there. transformers' own mask creation does read back.
+    import loss as f2llm_loss
+    config = f2llm_model.Qwen3Config(**f2llm_model.ARCHITECTURES["tiny"], **f2llm_model.QWEN3_COMMON)
+    config._attn_implementation = "sdpa"
+    meta = torch.device("meta")
+    with meta:
+        model = f2llm_model.Encoder(f2llm_model.Qwen3Model(config))
+    batch = dict(seqs=f2llm_model.tokenize(tokenizer, [f"text {i} " * (1 + i % 5) for i in range(12)], 64), n_queries=3,
+                 n_negatives=2, in_batch=True)
+    f2llm_loss.cached_step(model, batch, lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=meta), chunk_size=4)
+    f2llm_loss.cached_step(model, batch, lambda s: f2llm_model.pack(s, meta), chunk_tokens=40)
+    docs = torch.zeros(1, 300, dtype=torch.long, device=meta)
+    assert type(f2llm_model.attention_masks("flex_attention", docs, None, 300, meta)["full_attention"]).__name__ == "BlockMask"
+    with pytest.raises(RuntimeError, match="meta"):
+        transformers_way(model, *f2llm_model.pad(batch["seqs"][:4], tokenizer.pad_token_id, device=meta))
+    with pytest.raises(RuntimeError, match="meta"):
+        transformers_way(model, *f2llm_model.pack(batch["seqs"][:4], meta))
