@@ -187,23 +187,20 @@ class _Operations(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def operations(size, device, variants=VARIANTS[:2], tokens=48, rows=4):
-    """Host work per chunk, whatever the chunk's size: the aten operations one chunk's no-grad forward, forward and
-    backward dispatch, each issued by the host one by one (on a GPU, a kernel launch or more each)."""
-    for variant in variants:
+def operations(size, device, chunks=4):
+    """Host work per chunk, whatever its size: the aten operations of one cached step (short sequences, `chunks`
+    chunks) divided by its chunks, each issued by the host one by one (on a GPU, a kernel launch or more each)."""
+    batch = make_batch("f2llm", 4, 64, f2llm_model.offline_tokenizer().eos_token_id)
+    rows = [(VARIANTS[0], True), (VARIANTS[1], False), (VARIANTS[1], True)]
+    for variant, once in rows:
         model, tokenizer = build_variant(size, variant, device)
-        seqs = [list(range(1, tokens - i)) + [tokenizer.eos_token_id] for i in range(rows)]
-        amp, collate = amp_for(variant, device), collate_for(variant.packed, tokenizer, device)
-        for _ in range(2):  # the first pass pays one-time work (lazy initialisation); the second is counted
-            with _Operations() as no_grad, torch.no_grad(), amp():
-                model(*collate(seqs))
-            with _Operations() as forward, amp():
-                emb = model(*collate(seqs))
-            with _Operations() as backward:
-                emb.float().sum().backward()
+        for _ in range(2):  # the first step pays one-time work (lazy initialisation); the second is counted
+            with _Operations() as counted:
+                f2llm_loss.cached_step(model, batch, collate_for(False, tokenizer, device), -(-len(batch["seqs"]) // chunks),
+                                       amp_for(variant, device), gather_once=once)
             model.zero_grad(set_to_none=True)
-        print(f"operations per chunk | {variant.name:46} | no-grad forward {no_grad.n:,} | forward {forward.n:,} | "
-              f"backward {backward.n:,} | in all {no_grad.n + forward.n + backward.n:,}", flush=True)
+        how = ("FSDP2 gathers weights per forward and backward" if not once else "weights gathered once per step") if variant.precision == "bf16" else ""
+        print(f"operations per chunk | {variant.name:46} | {how:47} | {counted.n // chunks:,}", flush=True)
 
 
 def largest_chunk(model, tokenizer, packed, max_len, device, amp=nullcontext):

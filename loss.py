@@ -98,6 +98,28 @@ def no_sync(model):
         yield
 
 
+@contextmanager
+def gathered(model):
+    """FSDP2's weights gathered once for a whole step. By default FSDP2 gathers a layer's weights (all-gather, cast to
+    the compute dtype) before each of its forwards and backwards and frees them after: three gathers per layer per
+    chunk. Kept for the step, they cost one copy of the weights in the compute dtype; they go back to their shards at
+    the end, before the optimizer changes the masters (the gathered copies would then be stale)."""
+    if not hasattr(model, "set_reshard_after_forward"):
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    model.set_reshard_after_backward(False)
+    try:
+        yield
+    finally:
+        model.set_reshard_after_backward(True)
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # FSDP2's own choice for the root
+        for module in model.modules():
+            if hasattr(module, "reshard"):
+                module.reshard()
+
+
 def chunk_by_length(seqs, chunk_size):
     """Index lists of at most chunk_size sequences, longest first, so each chunk pads to similar lengths."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -153,14 +175,20 @@ def _restore_rng(state, device):
 
 
 def cached_step(model, batch, collate, chunk_size=None, amp=nullcontext, temperature=TEMPERATURE, in_batch_grad=False, chunk_tokens=None,
-                padded=False):
+                padded=False, gather_once=True):
     """Forward + backward of one batch through the gradient cache; returns (loss, hard, in_batch) detached.
 
     batch: dict(seqs=[queries..., then per query positive + n negatives], n_queries, n_negatives, in_batch).
     collate(list of token lists) -> the model's inputs on its device: model.pad for chunks of chunk_size
     sequences, model.pack for chunks of chunk_tokens tokens (model.pad with padded: chunk_tokens then counts the
-    padding). Every rank runs the same number of chunks.
+    padding). Every rank runs the same number of chunks. Under FSDP2 the weights are gathered once for the step
+    (gather_once=False: FSDP2's default, per forward and backward).
     """
+    with gathered(model) if gather_once else nullcontext():
+        return _cached_step(model, batch, collate, chunk_size, amp, temperature, in_batch_grad, chunk_tokens, padded)
+
+
+def _cached_step(model, batch, collate, chunk_size, amp, temperature, in_batch_grad, chunk_tokens, padded):
     seqs = batch["seqs"]
     device = next(model.parameters()).device
     chunks = make_chunks(seqs, chunk_size, chunk_tokens, device, padded)

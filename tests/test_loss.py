@@ -184,3 +184,20 @@ def test_gradient_cache_under_bf16_mixed_precision(tmp_path):
     scale = max(g.abs().max().item() for g in saved["plain"].values())
     for n, g in saved["cached"].items():
         torch.testing.assert_close(g, saved["plain"][n], atol=2e-2 * scale, rtol=0, msg=n)
+
+
+def test_fsdp_weights_gathered_once_per_step_give_the_same_steps(tmp_path):
+    # Under FSDP2 the cached step keeps each layer's gathered weights for the whole step instead of gathering them
+    # for every forward and backward of every chunk. Three AdamW steps give bit-identical losses and gradients
+    # either way (stale weights after an optimizer step would show), the weights did stay gathered between
+    # forwards, and they are back to their shards when the step returns (the optimizer updates the shards).
+    done = subprocess.run([sys.executable, "tests/gather_worker.py", tmp_path / "runs.pt"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    once, default = torch.load(tmp_path / "runs.pt").values()
+    assert torch.equal(once["losses"], default["losses"]) and once["losses"][2] < once["losses"][0]
+    for n, g in default["grads"].items():
+        assert torch.equal(once["grads"][n], g), n
+    assert len(once["kept"]) == len(default["kept"]) == 3 * 2 * 4  # 3 steps x 2 forwards x 4 chunks
+    assert all(once["kept"]) and not any(default["kept"])
+    assert once["sharded_after"] and default["sharded_after"]
