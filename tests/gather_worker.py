@@ -2,6 +2,7 @@
 weights gathered once per step (cached_step's way) and gathered per forward and backward (FSDP2's default). Saves
 each run's losses, last gradients, and whether a layer's weights were still gathered after each of its forwards."""
 import sys
+
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor

@@ -132,8 +132,8 @@ def test_padded_token_chunks_equal_uncached(tiny, chunk_tokens):
 
 
 def test_flex_attention_packed_rows_embed_as_padded(tokenizer):
-    # The packed path on GPUs without flash-attn: FlexAttention with the block mask transformers builds from the
-    # position ids. Forward only (FlexAttention has no backward on CPU; bench.py --gpu checks its gradient).
+    # The packed path on GPUs without flash-attn: FlexAttention with the block mask the encoder builds from each
+    # sequence's end. Forward only (FlexAttention has no backward on CPU; bench.py --gpu checks its gradient).
     assert f2llm_model.attention_implementation("cuda", packed=True) in ("flex_attention", "flash_attention_2")
     assert f2llm_model.attention_implementation("cpu", packed=True) == "sdpa"
     model = f2llm_model.load("tiny")[0]  # its own copy: the attention is switched

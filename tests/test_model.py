@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import ROOT  # noqa: F401  (puts the project on sys.path)
 
+import loss as f2llm_loss
 import model as f2llm_model
 
 
@@ -102,7 +103,6 @@ def test_a_forward_and_backward_never_read_the_device_back(tokenizer):
     # A host sync per forward lets the GPU drain while the host is still issuing the next kernels. On the meta
     # device a tensor has no values, so anything that reads one back (.item(), a tensor's truth value) raises: the
     # whole cached step, padded and packed chunks, runs there. transformers' own mask creation does read back.
-    import loss as f2llm_loss
     config = f2llm_model.Qwen3Config(**f2llm_model.ARCHITECTURES["tiny"], **f2llm_model.QWEN3_COMMON)
     config._attn_implementation = "sdpa"
     meta = torch.device("meta")
