@@ -77,14 +77,22 @@ def model_flops(model, seqs):
     return sum(6 * matmul * len(s) + 3 * attention * len(s) ** 2 / 2 for s in seqs)
 
 
-def build(size, precision, compile_, liger, device, packed=False):
-    model, tokenizer = f2llm_model.load(size, random_init=True, device=device, packed=packed)
-    args = SimpleNamespace(precision=precision, compile=compile_, liger=liger, fsdp=False)
-    return train.parallelize(model, args, 1, 0, device), tokenizer
+def settings(variant, chunk_tokens=None):
+    """The train.py flags a variant stands for; chunk_tokens: the run's token budget, before the variant's scale."""
+    tokens = chunk_tokens * variant.scale if chunk_tokens and variant.chunks != "sequences" else None
+    return SimpleNamespace(precision=variant.precision, compile=variant.compile, liger=variant.liger, fsdp=False, chunk_tokens=tokens,
+                           padded=variant.chunks == "tokens")
 
 
-def collate_for(packed, tokenizer, device):
-    return (lambda s: f2llm_model.pack(s, device)) if packed else (lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=device))
+def build(size, args, device):
+    """The model as train.py builds it for these flags, and its collate (packed rows filled as train.py fills them)."""
+    model, tokenizer = f2llm_model.load(size, random_init=True, device=device, packed=args.chunk_tokens is not None and not args.padded)
+    model = train.parallelize(model, args, 1, 0, device)
+    return model, tokenizer, train.collate_for(args, tokenizer, device)
+
+
+def pad_collate(tokenizer, device):
+    return lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=device)
 
 
 def sync(device):
@@ -95,17 +103,17 @@ def sync(device):
 def checks(size, max_len, device):
     """What only the device can show: its attention kernel on packed rows against the padded path (the one
     evaluation takes), and the cache under bf16 through that kernel's backward."""
-    model, tokenizer = build(size, "bf16", False, False, device, packed=True)
+    model, tokenizer, collate = build(size, settings(Variant("packed", "bf16", "packed", False, False, 1), max_len * 4), device)
     kernels = model.backbone.config._attn_implementation, f2llm_model.attention_implementation(device)
     use = model.backbone.set_attn_implementation
     batch = make_batch("f2llm", 4, max_len, tokenizer.eos_token_id, seed=1)
     with torch.no_grad():
-        packed = model(*f2llm_model.pack(batch["seqs"], device))
+        packed = model(*collate(batch["seqs"]))
         use(kernels[1])
         padded = model(*f2llm_model.pad(batch["seqs"], tokenizer.pad_token_id, device=device))
         use(kernels[0])
     grads = lambda: {n: p.grad.full_tensor().float().clone() for n, p in model.named_parameters()}
-    f2llm_loss.cached_step(model, batch, collate_for(True, tokenizer, device), chunk_tokens=max_len * 4)
+    f2llm_loss.cached_step(model, batch, collate, chunk_tokens=max_len * 4)
     cached = grads()
     model.zero_grad()
     use(kernels[1])
@@ -125,16 +133,23 @@ def amp_for(variant, device):
     return (lambda: f2llm_model.autocast(device)) if variant.precision == "fp32" else nullcontext
 
 
-def build_variant(size, variant, device):
-    return build(size, variant.precision, variant.compile, variant.liger, device, packed=variant.packed)
+def real_share(seqs, variant, chunk_size, chunk_tokens):
+    """Real tokens / tokens the step computes: padding of padded chunks, the filling of packed rows under --compile."""
+    args = settings(variant, chunk_tokens)
+    chunks = f2llm_loss.make_chunks(seqs, chunk_size * variant.scale, args.chunk_tokens, padded=args.padded)
+    if variant.packed:
+        computed = sum(max(train.packed_width(args) or 0, sum(len(seqs[i]) for i in c)) for c in chunks)
+    else:
+        computed = sum(len(c) * max(len(seqs[i]) for i in c) for c in chunks)
+    return sum(map(len, seqs)) / computed
 
 
-def make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device):
+def make_step(model, collate, batch, variant, chunk_size, chunk_tokens, device):
     """One full training step as train.py runs it: cached forward + backward, clipping, AdamW; chunks of the run's
     size times the variant's scale."""
-    chunk_size, chunk_tokens = chunk_size * variant.scale, chunk_tokens * variant.scale if variant.chunks != "sequences" else None
+    chunk_size, chunk_tokens = chunk_size * variant.scale, settings(variant, chunk_tokens).chunk_tokens
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
-    amp, collate = amp_for(variant, device), collate_for(variant.packed, tokenizer, device)
+    amp = amp_for(variant, device)
 
     def step():
         f2llm_loss.cached_step(model, batch, collate, chunk_size, amp, chunk_tokens=chunk_tokens, padded=variant.chunks == "tokens")
@@ -156,10 +171,10 @@ def step_time(step, repeats):
 
 
 @torch.no_grad()
-def embeddings(model, tokenizer, variant, seqs, device):
+def embeddings(model, collate, variant, seqs, device):
     """The variant's embeddings of a fixed batch, in the mode of the cache's first pass (no grad, training mode)."""
     with amp_for(variant, device)():
-        return model(*collate_for(variant.packed, tokenizer, device)(seqs)).float()
+        return model(*collate(seqs)).float()
 
 
 def profile_step(step, device, rows=12):
@@ -193,10 +208,10 @@ def operations(size, device, chunks=4):
     batch = make_batch("f2llm", 4, 64, f2llm_model.offline_tokenizer().eos_token_id)
     rows = [(VARIANTS[0], True), (VARIANTS[1], False), (VARIANTS[1], True)]
     for variant, once in rows:
-        model, tokenizer = build_variant(size, variant, device)
+        model, _, collate = build(size, settings(variant), device)
         for _ in range(2):  # the first step pays one-time work (lazy initialisation); the second is counted
             with _Operations() as counted:
-                f2llm_loss.cached_step(model, batch, collate_for(False, tokenizer, device), -(-len(batch["seqs"]) // chunks),
+                f2llm_loss.cached_step(model, batch, collate, -(-len(batch["seqs"]) // chunks),
                                        amp_for(variant, device), gather_once=once)
             model.zero_grad(set_to_none=True)
         how = ("FSDP2 gathers weights per forward and backward" if not once else "weights gathered once per step") if variant.precision == "bf16" else ""
@@ -212,7 +227,7 @@ def largest_chunk(model, tokenizer, packed, max_len, device, amp=nullcontext):
             torch.cuda.reset_peak_memory_stats()
         try:
             with amp():
-                emb = model(*collate_for(packed, tokenizer, device)(seqs))
+                emb = model(*(f2llm_model.pack(seqs, device) if packed else pad_collate(tokenizer, device)(seqs)))
             emb.float().sum().backward()
             sync(device)
             best = n
@@ -233,7 +248,7 @@ def chunk_memory(size, max_len, device):
     (fp32 masters and gradients unsharded, so more ranks under --fsdp leave more room, never less)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model, tokenizer = build(size, "bf16", False, False, device)
+    model, tokenizer, _ = build(size, settings(Variant("padded", "bf16", "sequences", False, False, 1)), device)
     fits, peak = largest_chunk(model, tokenizer, False, max_len, device)
     print(f"memory | {size:5} | bf16 weights, padded, one GPU | largest chunk {fits} | its peak {peak:5.1f} GiB", flush=True)
     del model
@@ -352,10 +367,10 @@ def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model, tokenizer = build_variant(size, variant, device)
-    emb = embeddings(model, tokenizer, variant, probe, device)
+    model, tokenizer, collate = build(size, settings(variant, chunk_tokens), device)
+    emb = embeddings(model, collate, variant, probe, device)
     diff = None if reference is None else (emb - reference).abs().max().item()
-    step = make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device)
+    step = make_step(model, collate, batch, variant, chunk_size, chunk_tokens, device)
     tokens = sum(map(len, batch["seqs"]))
     try:
         seconds = step_time(step, repeats)
@@ -364,9 +379,12 @@ def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size
         return None
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     mfu = model_flops(model, batch["seqs"]) / seconds / (PEAK_TFLOPS * 1e12)
-    fits = largest_chunk(model, tokenizer, variant.packed, max_len, device, amp_for(variant, device))[0] if profile == "full" else "-"
+    probed = profile == "full" and not (variant.compile and variant.packed)  # compiled per row width: one compilation per probe
+    fits = largest_chunk(model, tokenizer, variant.packed, max_len, device, amp_for(variant, device))[0] if probed else "-"
     chunk = f"{chunk_size * variant.scale} seq" if variant.chunks == "sequences" else f"{chunk_tokens * variant.scale:,} tok"
-    print(f"{profile:5} | {variant.name:46} | chunk {chunk:>10} | {seconds:7.2f} s/step | {tokens / seconds:>9,.0f} tok/s | MFU {mfu:5.1%} | "
+    share = real_share(batch["seqs"], variant, chunk_size, chunk_tokens)
+    print(f"{profile:5} | {variant.name:46} | chunk {chunk:>10} | real/computed {share:.3f} | {seconds:7.2f} s/step | "
+          f"{tokens / seconds:>9,.0f} tok/s | MFU {mfu:5.1%} | "
           f"peak {memory:5.1f} GiB | largest chunk {fits} | embeddings vs first row {'-' if diff is None else f'{diff:.1e}'} | "
           f"at {time.perf_counter() - start:.0f} s", flush=True)
     return seconds, emb, tokenizer, diff
@@ -375,8 +393,8 @@ def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size
 def profile_variant(variant, batch, size, chunk_size, chunk_tokens, device):
     """The variant rebuilt (the table keeps no model, so its peaks are its own), one warm-up step, one profiled."""
     print(f"profile of one step: {variant.name}", flush=True)
-    model, tokenizer = build_variant(size, variant, device)
-    step = make_step(model, tokenizer, batch, variant, chunk_size, chunk_tokens, device)
+    model, _, collate = build(size, settings(variant, chunk_tokens), device)
+    step = make_step(model, collate, batch, variant, chunk_size, chunk_tokens, device)
     step()
     profile_step(step, device)
 

@@ -191,12 +191,15 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def pack(seqs, device="cpu"):
-    """Sequences concatenated into one row: (input_ids [1, T], None, position_ids [1, T], ends [n])."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None]
-    position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()])[None]
-    ends = lengths.cumsum(0) - 1
+def pack(seqs, device="cpu", width=None):
+    """Sequences concatenated into one row: (input_ids [1, T], None, position_ids [1, T], ends [n]). With width, the
+    row is filled up to width tokens (T = width, unless the sequences alone are longer): every chunk the same shape,
+    for kernels compiled per shape. The filling is a sequence of its own, attended by nothing and pooled by nothing."""
+    lengths = [len(s) for s in seqs]
+    fill = max(0, (width or 0) - sum(lengths))
+    input_ids = torch.tensor([t for s in seqs for t in s] + [0] * fill, dtype=torch.long)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths + [fill]])[None]
+    ends = torch.tensor(lengths).cumsum(0) - 1
     return _to(input_ids, device), None, _to(position_ids, device), _to(ends, device)
 
 

@@ -63,7 +63,8 @@ def parse_args(argv=None):
                    help="bf16: bf16 weights for compute over fp32 master weights and optimizer (FSDP2's mixed precision, the released "
                         "run's arithmetic; default on GPUs); fp32: fp32 weights, bf16 autocast on GPUs (default on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (off by default: on torch 2.11 it failed with "
-                   "--chunk-tokens and with --liger on an H200; README, GPU figures)")
+                   "--chunk-tokens, whose rows it then compiled with dynamic shapes, and with --liger on an H200; packed rows now "
+                   "keep one shape, unmeasured on a GPU; README, GPU figures)")
     p.add_argument("--liger", action="store_true", help="liger-kernel's fused Qwen3 kernels (RMSNorm, RoPE, SwiGLU; GPUs, liger-kernel installed)")
     # data
     p.add_argument("--data", help="folder of F2LLM .parquet/.jsonl files or hub id codefuse-ai/F2LLM (default: built-in)")
@@ -170,6 +171,22 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def packed_width(args):
+    """Under --compile, every packed row is filled up to --chunk-tokens: one shape, compiled once, static. Rows as long
+    as their sequences change shape every chunk: compiled static, each length would be a new compilation until
+    dynamo's limit, then eager; compiled with dynamic shapes, Inductor failed to lower FlexAttention on torch 2.11
+    (README). The filling costs the last, partial chunk of each step. None: rows as long as their sequences."""
+    packed = args.chunk_tokens is not None and not args.padded
+    return args.chunk_tokens if packed and args.compile else None
+
+
+def collate_for(args, tokenizer, device):
+    """A chunk's token lists -> the model's inputs: one packed row (--chunk-tokens) or a padded batch."""
+    if args.chunk_tokens is not None and not args.padded:
+        return lambda seqs: f2llm_model.pack(seqs, device, packed_width(args))
+    return lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device)
+
+
 def parallelize(model, args, world, local_rank, device):
     """Speed and data parallelism as plain functions on the plain model, each switched by one flag: liger's fused
     Qwen3 kernels, torch.compile per decoder layer, then FSDP2 (bf16 compute over fp32 master weights, reductions
@@ -180,7 +197,8 @@ def parallelize(model, args, world, local_rank, device):
         apply_liger_kernel_to_qwen3(model=model.backbone, fused_linear_cross_entropy=False)
     if args.compile:
         for layer in model.backbone.layers:
-            layer.compile(dynamic=True)  # packed chunks change length every time
+            # Padded chunks change both sizes every time; packed rows keep one (packed_width).
+            layer.compile(dynamic=packed_width(args) is None)
     if args.precision == "bf16" or args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.precision == "bf16" else MixedPrecisionPolicy()
@@ -230,7 +248,7 @@ def train(args, rank, local_rank, world, device):
     model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed, packed=packed)
     print0(f"model {args.model or args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, "
            f"{model.backbone.config._attn_implementation} attention, {world} rank(s) on {device.type}")
-    collate = (lambda seqs: f2llm_model.pack(seqs, device)) if packed else (lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device))
+    collate = collate_for(args, tokenizer, device)
     tokenizer_id = data.tokenizer_digest(tokenizer)
     if summary and summary["tokenizer"] != tokenizer_id:
         raise SystemExit(f"--resume: the tokenizer of {args.model or args.size} differs from the one the checkpoint was trained with")
@@ -274,9 +292,11 @@ def train(args, rank, local_rank, world, device):
             curves.add_scalar(tag, value, record["step"])
 
     def run_eval(step):
-        # Every rank encodes (FSDP needs all of them); rank 0 writes and prints.
-        results = evaluation.evaluate(encoder, tokenizer, tasks, out=os.path.join(args.out, "eval", f"step{step}") if master else None,
-                                      max_len=evaluation.max_len_for(vars(args)), progress=False)
+        # Every rank encodes (FSDP needs all of them); rank 0 writes and prints. Compiled layers run eagerly here:
+        # padded batches of every shape, every few thousand steps, are not worth compiling for.
+        with torch.compiler.set_stance("force_eager") if args.compile else nullcontext():
+            results = evaluation.evaluate(encoder, tokenizer, tasks, out=os.path.join(args.out, "eval", f"step{step}") if master else None,
+                                          max_len=evaluation.max_len_for(vars(args)), progress=False)
         print0(f"eval step {step} | " + " | ".join(f"{r['task']} {r['main_score_name']} {r['main_score']:.4f}" for r in results))
         write(dict(step=step, eval={r["task"]: r["main_score"] for r in results}))
 

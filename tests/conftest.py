@@ -108,3 +108,13 @@ def uncached_step(model, batch, collate, in_batch_grad=False):
                                  in_batch_grad=in_batch_grad)[0]
     loss.backward()
     return loss.detach()
+
+
+def write_retrieval_task(folder, qrels_lines):
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "task.json").write_text(json.dumps(dict(type="retrieval", instruction="Find the matching function")))
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(dict(_id=f"d{i}", title="", text=t)) + "\n"
+                                                 for i, t in enumerate(["def add(a, b): return a + b", "def read(path): return open(path).read()", "class Stack: pass"])))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(dict(_id=f"q{i}", text=t)) + "\n" for i, t in enumerate(["add two numbers", "read a file"])))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels_lines)
+    return folder

@@ -18,6 +18,9 @@ def test_gpu_benchmark_dry_runs_on_cpu():
                         "bf16 + packing  ", "bf16 + packing, 4x"):
             assert any(line.startswith(profile) and variant in line and "tok/s" in line for line in out.splitlines()), (profile, variant)
     assert "chunk     32 seq" in out and "chunk    512 tok" in out  # the 4x rows run 4x the chunk
+    shares = {line.split("|")[1].strip(): float(line.split("real/computed ")[1][:5])
+              for line in out.splitlines() if line.startswith("f2llm") and "real/computed" in line}
+    assert shares["bf16 + packing"] == 1 and 0 < shares["bf16 weights (FSDP2 mixed precision)"] < 1  # packing computes no padding
     assert "embeddings vs first row -" in out  # the first row is the reference of the others
     assert "operations per chunk | baseline" in out and "weights gathered once per step" in out and "gathers weights per forward" in out
     assert "profile | " in out and "Self CPU time total" in out

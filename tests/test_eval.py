@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 import torch
-from conftest import ROOT
+from conftest import ROOT, write_retrieval_task
 
 import builtin
 import eval as ev
@@ -79,16 +79,6 @@ def test_mrr_and_search_by_chunks():
     assert metrics.search(q, d, ids, top_k=100, chunk=300) == metrics.search(q, d, ids, top_k=100, chunk=5000)  # chunking changes nothing
     ref_s, ref_i = metrics.cos_sim(q, d).topk(100, dim=1)
     assert [list(r) for r in metrics.search(q, d, ids, top_k=100, chunk=300).values()] == [[ids[j] for j in row] for row in ref_i.tolist()]
-
-
-def write_retrieval_task(folder, qrels_lines):
-    (folder / "qrels").mkdir(parents=True)
-    (folder / "task.json").write_text(json.dumps(dict(type="retrieval", instruction="Find the matching function")))
-    (folder / "corpus.jsonl").write_text("".join(json.dumps(dict(_id=f"d{i}", title="", text=t)) + "\n"
-                                                 for i, t in enumerate(["def add(a, b): return a + b", "def read(path): return open(path).read()", "class Stack: pass"])))
-    (folder / "queries.jsonl").write_text("".join(json.dumps(dict(_id=f"q{i}", text=t)) + "\n" for i, t in enumerate(["add two numbers", "read a file"])))
-    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels_lines)
-    return folder
 
 
 @pytest.mark.parametrize("qrels, message", [

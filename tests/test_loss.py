@@ -85,24 +85,28 @@ def test_gradient_cache_equals_uncached(tiny, chunk_size, kind):
     model.zero_grad()
 
 
-@pytest.mark.parametrize("chunk_tokens", [40, 150, 10_000])
-def test_packed_chunks_equal_padded(tiny, chunk_tokens):
+@pytest.mark.parametrize("chunk_tokens,filled", [(40, False), (150, False), (10_000, False), (40, True), (150, True)])
+def test_packed_chunks_equal_padded(tiny, chunk_tokens, filled):
     # Sequences packed into one row, attention stopped at their boundaries: the same embeddings and gradients as
-    # padded batches (fp32), under the gradient cache, for token budgets that split the batch unevenly or not at all.
+    # padded batches (fp32), under the gradient cache, for token budgets that split the batch unevenly or not at all;
+    # filled: every row filled up to the budget, as train.py fills them for compiled kernels.
     model, tokenizer = tiny
+    pack = lambda seqs: f2llm_model.pack(seqs, width=chunk_tokens if filled else None)
     batch = make_batch(tokenizer, 5, 3, True)
     model.zero_grad()
     ref_loss = uncached_step(model, batch, lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id))
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    loss = f2llm_loss.cached_step(model, batch, f2llm_model.pack, chunk_tokens=chunk_tokens)[0]
+    loss = f2llm_loss.cached_step(model, batch, pack, chunk_tokens=chunk_tokens)[0]
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     scale = max(g.abs().max().item() for g in ref.values())
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
     with torch.no_grad():
-        packed = model(*f2llm_model.pack(batch["seqs"]))
-        padded = model(*f2llm_model.pad(batch["seqs"], tokenizer.pad_token_id))
+        packed = model(*pack(batch["seqs"][:5]))
+        padded = model(*f2llm_model.pad(batch["seqs"][:5], tokenizer.pad_token_id))
+    total = sum(map(len, batch["seqs"][:5]))
+    assert pack(batch["seqs"][:5])[0].shape[1] == (max(chunk_tokens, total) if filled else total)  # sequences longer than it: no filling
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
     model.zero_grad()
 
@@ -142,31 +146,46 @@ def test_flex_attention_packed_rows_embed_as_padded(tokenizer):
         padded = model(*f2llm_model.pad(batch["seqs"], tokenizer.pad_token_id))
         model.backbone.set_attn_implementation("flex_attention")
         packed = model(*f2llm_model.pack(batch["seqs"]))
+        filled = model(*f2llm_model.pack(batch["seqs"], width=sum(map(len, batch["seqs"])) + 300))  # as train.py fills rows for it
         whole = model(*f2llm_model.pack(batch["seqs"][:1] * 2))  # a sequence attending to its copy would move
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(filled, padded, atol=1e-5, rtol=0)
     torch.testing.assert_close(whole[1], padded[0], atol=1e-5, rtol=0)
 
 
 def test_compiled_layers_give_the_eager_gradient(tokenizer):
-    # train.py --compile: each decoder layer through torch.compile (Inductor, here its CPU backend) with dynamic
-    # shapes, chunks of changing sizes, packed rows included: the cached step's loss and every gradient are the eager
-    # model's (fp32). The GPU kernels are bench.py --gpu's to check.
+    # train.py --compile: each decoder layer through torch.compile (Inductor, here its CPU backend). The cached step's
+    # loss and every gradient are the eager model's (fp32), for padded chunks of changing sizes (dynamic shapes) and
+    # for packed rows, which train.py fills to --chunk-tokens: one shape, compiled once, whatever the chunks hold.
     import train
-    torch._dynamo.utils.counters.clear()  # so the count below is this test's
-    args = SimpleNamespace(liger=False, compile=True, precision="fp32", fsdp=False)
     eager = f2llm_model.load("tiny")[0]
-    compiled = train.parallelize(f2llm_model.load("tiny")[0], args, 1, 0, torch.device("cpu"))  # same seed, same weights
-    batch = make_batch(tokenizer, 5, 3, True)
-    for collate, kw in ((lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id), dict(chunk_size=7)), (f2llm_model.pack, dict(chunk_tokens=150))):
-        (ref_loss, *_), ref = f2llm_loss.cached_step(eager, batch, collate, **kw), {n: p.grad.clone() for n, p in eager.named_parameters()}
-        loss = f2llm_loss.cached_step(compiled, batch, collate, **kw)[0]
-        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-        scale = max(g.abs().max().item() for g in ref.values())
-        for n, p in compiled.named_parameters():
-            torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
-        eager.zero_grad()
-        compiled.zero_grad()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    batches = [make_batch(tokenizer, 5, 3, True), make_batch(tokenizer, 4, 2, True, seed=1)]  # other lengths, other chunks
+    for chunks in (dict(chunk_size=7), dict(chunk_tokens=150)):
+        args = SimpleNamespace(liger=False, compile=True, precision="fp32", fsdp=False, chunk_tokens=chunks.get("chunk_tokens"), padded=False)
+        compiled = train.parallelize(f2llm_model.load("tiny")[0], args, 1, 0, torch.device("cpu"))  # same seed, same weights
+        collate, widths, graphs = train.collate_for(args, tokenizer, torch.device("cpu")), set(), []
+        def seen(seqs, collate=collate, widths=widths):
+            inputs = collate(seqs)
+            widths.add(inputs[0].shape[1])
+            return inputs
+        torch._dynamo.utils.counters.clear()
+        for batch in batches:
+            (ref_loss, *_), ref = f2llm_loss.cached_step(eager, batch, collate, **chunks), {n: p.grad.clone() for n, p in eager.named_parameters()}
+            loss = f2llm_loss.cached_step(compiled, batch, seen, **chunks)[0]
+            torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+            scale = max(g.abs().max().item() for g in ref.values())
+            for n, p in compiled.named_parameters():
+                torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
+            eager.zero_grad()
+            compiled.zero_grad()
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        assert graphs[0] > 0 and graphs[1] == graphs[0]  # it compiled, then the other batch needed nothing new
+        if "chunk_tokens" in chunks:
+            # Every row filled to the budget: two graphs (the no-grad pass, the pass with autograd) for every chunk. Rows
+            # of their own lengths would compile a graph per length until dynamo's recompile limit, then run eagerly.
+            assert widths == {150} and graphs[-1] == 2, (widths, graphs)
+        else:
+            assert len(widths) > 2  # padded chunks did change shape
 
 
 def test_gradient_cache_under_bf16_mixed_precision(tmp_path):

@@ -8,7 +8,14 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TIMEOUT, read_log, run_train, write_source
+from conftest import (
+    ROOT,
+    TIMEOUT,
+    read_log,
+    run_train,
+    write_retrieval_task,
+    write_source,
+)
 from safetensors.torch import load_file
 
 import data
@@ -53,6 +60,26 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     assert not os.path.exists(tmp_path / "stopped" / "checkpoint.tmp")
     with pytest.raises(AssertionError, match="settings differ from the checkpoint's.*'lr': \\(0.001, 0.002\\)"):
         run_train(*args, "--out", tmp_path / "stopped", "--resume", "--lr", 2e-3)
+
+
+def test_compiled_packed_run_trains_as_the_eager_one(data_dir, tmp_path):
+    # --compile with --chunk-tokens: each packed row filled to the budget, so the layers compile once, static; the
+    # evaluation's padded batches of every shape run them eagerly instead of compiling for each. Same losses and
+    # scores as the eager run (whose rows are not filled), and no compilation past the first shape.
+    task = write_retrieval_task(tmp_path / "TinyRetrieval", "q0\td0\t1\nq1\td1\t2\n")
+    args = common(data_dir, tmp_path) + ["--chunk-tokens", 128, "--val-every", 2, "--eval-every", 2, "--stop-at", 3, "--eval-tasks", task]
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        done = subprocess.run([sys.executable, "train.py", *map(str, args + extra + ["--out", tmp_path / name])], cwd=ROOT,
+                              capture_output=True, text=True, timeout=TIMEOUT, env=dict(os.environ, TORCH_LOGS="recompiles"))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs[name] = read_log(tmp_path / name), done.stderr
+    pick = lambda log, key: [v for r in log if key in r for v in (r[key].values() if key == "eval" else [r[key]])]
+    for key in ("loss", "val_loss", "eval"):
+        eager, compiled = pick(runs["eager"][0], key), pick(runs["compiled"][0], key)
+        assert len(eager) >= 2 and compiled == pytest.approx(eager, rel=1e-4), (key, eager, compiled)
+    log = runs["compiled"][1]  # dynamo's reasons for each recompilation (TORCH_LOGS=recompiles): grad mode, eval mode, never a size
+    assert "Recompiling" in log and "size mismatch" not in log, log[-3000:]
 
 
 def test_presets():
