@@ -316,7 +316,7 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
 
     def rows(profile, compiled):
         for variant in (v for v in chosen if v.compile == compiled):
-            if (variant.compile or variant.liger) and device.type != "cuda" or variant.liger and not _has_liger():
+            if variant.liger and (device.type != "cuda" or not _has_liger()):
                 print(f"{profile:5} | {variant.name:46} | skipped: {'needs CUDA' if device.type != 'cuda' else 'liger-kernel not installed'}")
                 continue
             with _qwen3_module_restored():  # liger patches transformers' Qwen3 module for every model built after it
