@@ -9,7 +9,7 @@ bf16 gradient against one plain bf16 pass (packed rows go through FlexAttention 
 ones through sdpa, as train.py and eval.py run them). Then each variant of VARIANTS runs full AdamW steps of
 `--queries` queries x (query, positive, 7 negatives) on F2LLM-like lengths (queries of a few dozen tokens, passages
 of a few hundred) and at max length (the 0.6b preset's 1024), after counting the operations the host issues per
-chunk. MFU counts 6 x matrix parameters + causal attention per real token (the cache's extra forward is not useful
+chunk. MFU counts 6 x matrix parameters + causal attention per real token (the cache's extra forwards are not useful
 work) against 989 TFLOP/s (H100 and H200, bf16 dense).
 The parts run in the order of what they tell (run): on an H200 the checks and the first row took 373 s and seven
 rows 532 s, so the whole table does not fit one 10-minute call; the budget skips and names what is left.
@@ -91,10 +91,6 @@ def build(size, args, device):
     return model, tokenizer, train.collate_for(args, tokenizer, device)
 
 
-def pad_collate(tokenizer, device):
-    return lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=device)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -134,14 +130,12 @@ def amp_for(variant, device):
 
 
 def real_share(seqs, variant, chunk_size, chunk_tokens):
-    """Real tokens / tokens the step computes: padding of padded chunks, the filling of packed rows under --compile."""
+    """Real tokens / tokens the step computes (the padding of padded chunks, the filling of compiled packed rows)."""
     args = settings(variant, chunk_tokens)
     chunks = f2llm_loss.make_chunks(seqs, chunk_size * variant.scale, args.chunk_tokens, padded=args.padded)
-    if variant.packed:
-        computed = sum(max(train.packed_width(args) or 0, sum(len(seqs[i]) for i in c)) for c in chunks)
-    else:
-        computed = sum(len(c) * max(len(seqs[i]) for i in c) for c in chunks)
-    return sum(map(len, seqs)) / computed
+    lengths = [[len(seqs[i]) for i in c] for c in chunks]
+    computed = [max(train.packed_width(args) or 0, sum(n)) if variant.packed else len(n) * max(n) for n in lengths]
+    return sum(map(len, seqs)) / sum(computed)
 
 
 def make_step(model, collate, batch, variant, chunk_size, chunk_tokens, device):
@@ -227,7 +221,7 @@ def largest_chunk(model, tokenizer, packed, max_len, device, amp=nullcontext):
             torch.cuda.reset_peak_memory_stats()
         try:
             with amp():
-                emb = model(*(f2llm_model.pack(seqs, device) if packed else pad_collate(tokenizer, device)(seqs)))
+                emb = model(*(f2llm_model.pack(seqs, device) if packed else f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device)))
             emb.float().sum().backward()
             sync(device)
             best = n

@@ -15,7 +15,8 @@ positive flows back to the rank that made it (a differentiable all-gather); not 
 
 Gradient cache (Gao et al. 2021): 1) embed every chunk without autograd, 2) loss on the
 detached embeddings, backward to d loss / d embedding, 3) re-embed each chunk with autograd under the same
-RNG state and backward with the cached gradient. Exact, one extra forward; memory of one chunk.
+RNG state and backward with the cached gradient. Exact; memory of one chunk; one extra forward per chunk but the
+last, which is embedded with autograd in step 1 and backpropagated right after step 2.
 """
 from contextlib import contextmanager, nullcontext
 
@@ -195,25 +196,30 @@ def _cached_step(model, batch, collate, chunk_size, amp, temperature, in_batch_g
     rows = to_device(torch.tensor([i for idx in chunks for i in idx]), device).split([len(idx) for idx in chunks])  # each chunk's rows
     emb, states = None, []
     with torch.no_grad():
-        for idx, at in zip(chunks, rows):
+        for idx, at in zip(chunks[:-1], rows[:-1]):
             states.append(_rng_state(device))
             with amp():
                 e = model(*collate([seqs[i] for i in idx]))
-            if emb is None:
-                emb = torch.empty(len(seqs), e.shape[1], device=device)
+            emb = torch.empty(len(seqs), e.shape[1], device=device) if emb is None else emb
             emb[at] = e.float()
-    emb.requires_grad_(True)
-    loss, hard, ib = f2llm_loss(*split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"], temperature,
-                                in_batch_grad=in_batch_grad)
-    loss.backward()
-    grad = emb.grad
-    for k, (idx, at) in enumerate(zip(chunks, rows)):
-        # All but the last chunk accumulate locally; the last one triggers DDP's single all-reduce.
-        with (no_sync(model) if k < len(chunks) - 1 else nullcontext()), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # The last chunk keeps its graph: its backward follows the loss's at once, so it is embedded once, not twice. It
+    # accumulates locally unless it is the only chunk (the last chunk embedded again makes the one all-reduce).
+    with no_sync(model) if len(chunks) > 1 else nullcontext():
+        with amp():
+            e = model(*collate([seqs[i] for i in chunks[-1]]))
+        emb = torch.empty(len(seqs), e.shape[1], device=device) if emb is None else emb
+        emb[rows[-1]] = e.detach().float()
+        emb.requires_grad_(True)
+        loss, hard, ib = f2llm_loss(*split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"], temperature,
+                                    in_batch_grad=in_batch_grad)
+        loss.backward()
+        e.float().backward(emb.grad[rows[-1]])
+    for k, (idx, at) in enumerate(zip(chunks[:-1], rows[:-1])):
+        with (no_sync(model) if k < len(chunks) - 2 else nullcontext()), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             _restore_rng(states[k], device)
             with amp():
                 e = model(*collate([seqs[i] for i in idx]))
-            e.float().backward(grad[at])
+            e.float().backward(emb.grad[at])
     return loss.detach(), hard, ib
 
 

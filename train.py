@@ -62,9 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32",
                    help="bf16: bf16 weights for compute over fp32 master weights and optimizer (FSDP2's mixed precision, the released "
                         "run's arithmetic; default on GPUs); fp32: fp32 weights, bf16 autocast on GPUs (default on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (off by default: on torch 2.11 it failed with "
-                   "--chunk-tokens, whose rows it then compiled with dynamic shapes, and with --liger on an H200; packed rows now "
-                   "keep one shape, unmeasured on a GPU; README, GPU figures)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (off by default: on an H200 it failed with --liger, "
+                   "and with --chunk-tokens before packed rows kept one shape; README, GPU figures)")
     p.add_argument("--liger", action="store_true", help="liger-kernel's fused Qwen3 kernels (RMSNorm, RoPE, SwiGLU; GPUs, liger-kernel installed)")
     # data
     p.add_argument("--data", help="folder of F2LLM .parquet/.jsonl files or hub id codefuse-ai/F2LLM (default: built-in)")
@@ -172,12 +171,10 @@ def unwrap(model):
 
 
 def packed_width(args):
-    """Under --compile, every packed row is filled up to --chunk-tokens: one shape, compiled once, static. Rows as long
-    as their sequences change shape every chunk: compiled static, each length would be a new compilation until
-    dynamo's limit, then eager; compiled with dynamic shapes, Inductor failed to lower FlexAttention on torch 2.11
-    (README). The filling costs the last, partial chunk of each step. None: rows as long as their sequences."""
-    packed = args.chunk_tokens is not None and not args.padded
-    return args.chunk_tokens if packed and args.compile else None
+    """Under --compile each packed row is filled up to --chunk-tokens: one shape, compiled once, static (with dynamic
+    shapes Inductor failed to lower FlexAttention on torch 2.11; README); it costs the step's last, partial chunk.
+    None: rows as long as their sequences (and no packed rows)."""
+    return args.chunk_tokens if args.compile and args.chunk_tokens is not None and not args.padded else None
 
 
 def collate_for(args, tokenizer, device):

@@ -4,6 +4,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from conftest import make_batch, shard
 
@@ -16,10 +17,13 @@ with distributed.process_group(int(os.environ["WORLD_SIZE"]), torch.device("cpu"
     rank, world = dist.get_rank(), dist.get_world_size()
     model, tokenizer = f2llm_model.load("tiny")
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    reduced = []  # the gradient buckets DDP all-reduces, by index: each once means one all-reduce per step
+    ddp.register_comm_hook(None, lambda group, bucket: (reduced.append(bucket.index()), allreduce_hook(group, bucket))[1])
     batch = make_batch(tokenizer, 6, 3, kind != "clustering")
     collate = lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id)
     loss, _, _ = f2llm_loss.cached_step(ddp, shard(batch, rank, world), collate, chunk_size=5, in_batch_grad=kind == "retrieval-grad")
     losses = [torch.zeros(()) for _ in range(world)]
     dist.all_gather(losses, loss)
     if rank == 0:
-        torch.save(dict(grads={n: p.grad for n, p in model.named_parameters()}, loss=torch.stack(losses).mean()), os.path.join(out, "ddp.pt"))
+        torch.save(dict(grads={n: p.grad for n, p in model.named_parameters()}, loss=torch.stack(losses).mean(), reduced=reduced),
+                   os.path.join(out, "ddp.pt"))

@@ -13,6 +13,7 @@ def test_two_ranks_give_the_gradient_of_one_process(tiny, tmp_path, kind):
     # (retrieval-grad) and one that lets gradient through where the released recipe has none (retrieval).
     torchrun("tests/ddp_worker.py", tmp_path, kind)
     ddp = torch.load(tmp_path / "ddp.pt")
+    assert sorted(ddp["reduced"]) == list(range(len(ddp["reduced"]))), ddp["reduced"]  # every bucket all-reduced once in the step
     model, tokenizer = tiny
     model.zero_grad()
     ref_loss = uncached_step(model, make_batch(tokenizer, 6, 3, kind != "clustering"), lambda s: f2llm_model.pad(s, tokenizer.pad_token_id),
