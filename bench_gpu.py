@@ -86,7 +86,7 @@ def settings(variant, chunk_tokens=None):
 
 def build(size, args, device):
     """The model as train.py builds it for these flags, and its collate (packed rows filled as train.py fills them)."""
-    model, tokenizer = f2llm_model.load(size, random_init=True, device=device, packed=args.chunk_tokens is not None and not args.padded)
+    model, tokenizer = f2llm_model.load(size, random_init=True, device=device, packed=train.packs(args))
     model = train.parallelize(model, args, 1, 0, device)
     return model, tokenizer, train.collate_for(args, tokenizer, device)
 

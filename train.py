@@ -170,16 +170,21 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def packs(args):
+    """Whether chunks are packed rows (--chunk-tokens without --padded)."""
+    return args.chunk_tokens is not None and not args.padded
+
+
 def packed_width(args):
     """Under --compile each packed row is filled up to --chunk-tokens: one shape, compiled once, static (with dynamic
     shapes Inductor failed to lower FlexAttention on torch 2.11; README); it costs the step's last, partial chunk.
     None: rows as long as their sequences (and no packed rows)."""
-    return args.chunk_tokens if args.compile and args.chunk_tokens is not None and not args.padded else None
+    return args.chunk_tokens if args.compile and packs(args) else None
 
 
 def collate_for(args, tokenizer, device):
     """A chunk's token lists -> the model's inputs: one packed row (--chunk-tokens) or a padded batch."""
-    if args.chunk_tokens is not None and not args.padded:
+    if packs(args):
         return lambda seqs: f2llm_model.pack(seqs, device, packed_width(args))
     return lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device)
 
@@ -241,8 +246,7 @@ def train(args, rank, local_rank, world, device):
     files, identity, tasks = distributed.broadcast((files, identity, tasks) if master else None)
 
     # ---- model: the size's Qwen3 (or --model); a resumed run's weights come from the training state -----------
-    packed = args.chunk_tokens is not None and not args.padded
-    model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed, packed=packed)
+    model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=device, seed=args.seed, packed=packs(args))
     print0(f"model {args.model or args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, "
            f"{model.backbone.config._attn_implementation} attention, {world} rank(s) on {device.type}")
     collate = collate_for(args, tokenizer, device)
