@@ -7,6 +7,7 @@
                         post-processor), the sentence-transformers files (last-token pooling, normalisation,
                         prompts) and a model card; `SentenceTransformer("out/checkpoint")` loads it right
     out/log.jsonl       one record per logged step, validation and evaluation
+    out/tensorboard/    the same numbers as TensorBoard curves
     out/.lock           held by the running job, so two runs never share an --out
 
 A kill at any moment leaves a loadable state.pt (the old or the new one) and nothing that blocks the next
@@ -167,6 +168,25 @@ def truncate_log(path, step):
     if os.path.exists(path):
         kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
         write_atomic(path, lambda p: open(p, "w").writelines(kept))
+
+
+def tensorboard(out, start):
+    """A TensorBoard writer when tensorboard is installed; on resume, events past the checkpoint's step are dropped."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("TensorBoard curves off: `pip install tensorboard` to have them", flush=True)
+        return None
+    return SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None)
+
+
+def scalars(record):
+    """The numbers of a log record as TensorBoard tags: train/loss, val/<source>, eval/<task>, ..."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from ((f"{key}/{k}", v) for k, v in value.items())
+        elif isinstance(value, (int, float)) and key != "step":
+            yield ("val/loss" if key == "val_loss" else f"train/{key}"), value
 
 
 def save_tokenizer(tokenizer, folder, max_len):

@@ -284,12 +284,12 @@ def train(args, rank, local_rank, world, device):
 
     # ---- logging: stdout, log.jsonl and TensorBoard on rank 0 ------------------------------------------------
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    curves = tensorboard(os.path.join(args.out, "tensorboard"), start) if master and not args.no_tensorboard else None
+    curves = checkpoint.tensorboard(args.out, start) if master and not args.no_tensorboard else None
     def write(record):
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
-        for tag, value in scalars(record) if curves else ():
+        for tag, value in checkpoint.scalars(record) if curves else ():
             curves.add_scalar(tag, value, record["step"])
 
     def run_eval(step):
@@ -382,25 +382,6 @@ def train(args, rank, local_rank, world, device):
     if log:
         log.close()
     print0(f"done in {(time.time() - t0) / 60:.1f} min, {tokens_seen:,.0f} tokens")
-
-
-def tensorboard(folder, start):
-    """A TensorBoard writer when tensorboard is installed; on resume, events past the checkpoint's step are dropped."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print0("TensorBoard curves off: `pip install tensorboard` to have them")
-        return None
-    return SummaryWriter(folder, purge_step=start + 1 if start else None)
-
-
-def scalars(record):
-    """The numbers of a log record as TensorBoard tags: train/loss, val/<source>, eval/<task>, ..."""
-    for key, value in record.items():
-        if isinstance(value, dict):
-            yield from ((f"{key}/{k}", v) for k, v in value.items())
-        elif isinstance(value, (int, float)) and key != "step":
-            yield ("val/loss" if key == "val_loss" else f"train/{key}"), value
 
 
 if __name__ == "__main__":
