@@ -212,16 +212,16 @@ def operations(size, device, chunks=4):
         print(f"operations per chunk | {variant.name:46} | {how:47} | {counted.n // chunks:,}", flush=True)
 
 
-def largest_chunk(model, tokenizer, packed, max_len, device, amp=nullcontext):
+def largest_chunk(model, collate, eos, packed, max_len, device, amp=nullcontext):
     """The largest chunk (sequences of max_len, or packed tokens) whose forward + backward fits, and its peak GiB."""
     best, peak = None, float("nan")
     for n in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128):
-        seqs = [list(range(1, max_len)) + [tokenizer.eos_token_id]] * n
+        seqs = [list(range(1, max_len)) + [eos]] * n
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
             with amp():
-                emb = model(*(f2llm_model.pack(seqs, device) if packed else f2llm_model.pad(seqs, tokenizer.pad_token_id, device=device)))
+                emb = model(*collate(seqs))
             emb.float().sum().backward()
             sync(device)
             best = n
@@ -242,8 +242,8 @@ def chunk_memory(size, max_len, device):
     (fp32 masters and gradients unsharded, so more ranks under --fsdp leave more room, never less)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model, tokenizer, _ = build(size, settings(Variant("padded", "bf16", "sequences", False, False, 1)), device)
-    fits, peak = largest_chunk(model, tokenizer, False, max_len, device)
+    model, tokenizer, collate = build(size, settings(Variant("padded", "bf16", "sequences", False, False, 1)), device)
+    fits, peak = largest_chunk(model, collate, tokenizer.eos_token_id, False, max_len, device)
     print(f"memory | {size:5} | bf16 weights, padded, one GPU | largest chunk {fits} | its peak {peak:5.1f} GiB", flush=True)
     del model
 
@@ -374,7 +374,7 @@ def measure(profile, variant, batch, probe, reference, size, max_len, chunk_size
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     mfu = model_flops(model, batch["seqs"]) / seconds / (PEAK_TFLOPS * 1e12)
     probed = profile == "full" and not (variant.compile and variant.packed)  # compiled per row width: one compilation per probe
-    fits = largest_chunk(model, tokenizer, variant.packed, max_len, device, amp_for(variant, device))[0] if probed else "-"
+    fits = largest_chunk(model, collate, tokenizer.eos_token_id, variant.packed, max_len, device, amp_for(variant, device))[0] if probed else "-"
     chunk = f"{chunk_size * variant.scale} seq" if variant.chunks == "sequences" else f"{chunk_tokens * variant.scale:,} tok"
     share = real_share(batch["seqs"], variant, chunk_size, chunk_tokens)
     print(f"{profile:5} | {variant.name:46} | chunk {chunk:>10} | real/computed {share:.3f} | {seconds:7.2f} s/step | "
