@@ -1,26 +1,29 @@
-"""The process group of a torchrun job (or of one process, for FSDP2), and the one way out of it."""
+"""The process group of a torchrun job, and the one way out of it: a clean exit, or one rank's error named once."""
+import json
 import os
+import signal
 import sys
+import time
+import traceback
 from contextlib import contextmanager
 
 import torch.distributed as dist
+
+PEER_WAIT = 60  # seconds a rank whose peer failed waits for torchrun to stop it (it does within a second)
 
 
 @contextmanager
 def process_group(world, device, needed=False):
     """The process group of a torchrun job, and the one way out of it: a torchrun worker ends here.
 
-    Why it ends with os._exit: gloo's worker threads release each finished collective a moment after the caller
-    has been woken. If the interpreter is already shutting down by then, the tensors' Python objects belong to
-    that release, which needs the GIL; a finalizing interpreter answers by ending the thread, and the process
-    aborts ("terminate called without an active exception", SIGABRT) after all its work is done. Joining those
-    threads first is not possible: DDP and FSDP keep the process group, and so its threads, alive until the
-    interpreter is torn down, and a barrier does not help either (its work holds the collectives still in
-    flight when it started). So a clean exit (end, --stop-at, SIGTERM) meets every rank at a barrier, so that
-    nobody leaves while a peer still waits, destroys the group and leaves without interpreter teardown.
-    Everything the run writes is flushed or closed before this point. On an error there is no barrier (the
-    other ranks would never reach it): the exception ends this rank, its peers' next collective fails on the
-    closed connection, and torchrun reports this rank's error as the root cause."""
+    A clean exit (end, --stop-at, SIGTERM) meets every rank at a barrier, so that nobody leaves while a peer
+    still waits, destroys the group and leaves without interpreter teardown (os._exit). Why: gloo's worker threads
+    release each finished collective a moment after the caller has been woken; if the interpreter is shutting down
+    by then, the release needs the GIL, a finalizing interpreter ends the thread, and the process aborts
+    ("terminate called without an active exception", SIGABRT) after all its work is done. DDP and FSDP keep the
+    group, and so its threads, alive until teardown, so they cannot be joined first.
+
+    An error ends the job with that error as torchrun's root cause (`failed`)."""
     if world == 1 and not needed:
         yield
         return
@@ -31,14 +34,75 @@ def process_group(world, device, needed=False):
         dist.init_process_group(backend)
     try:
         yield
-    except BaseException:
-        dist.destroy_process_group()
-        raise
+    except BaseException as e:  # every way out of a rank goes through here
+        if world == 1:  # no peer to tell
+            dist.destroy_process_group()
+            raise
+        failed(e)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def failed(error):
+    """End this rank after `error`, so that torchrun names the rank whose error it was.
+
+    torchrun reports as root cause the failure with the earliest timestamp, in whole seconds, the first one it
+    saw on a tie. When one rank fails, its peers' next collective fails too ("Connection closed by peer"), in
+    the same second. So the failing rank first says so in the job's store, then writes its error file
+    (TORCHELASTIC_ERROR_FILE) and only then exits, which is what closes its connections. A rank whose error comes
+    after a peer's announcement knows its error is a consequence: it says whose failure stopped it and waits
+    for torchrun, which stops the other ranks as soon as it sees the failed one, so that failure is the first
+    torchrun sees and the earliest. Without torchrun (or when it does not come), it leaves after PEER_WAIT."""
+    rank, key = dist.get_rank(), f"f2llm/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store = _store()
+    peer = _read(store, key)
+    if peer is None:
+        message = "".join(traceback.format_exception(error))
+        if store is not None:
+            try:
+                store.set(key, f"rank {rank} failed: {message.strip().splitlines()[-1]}")
+            except Exception:  # the store's host is gone: nobody is left to tell
+                pass
+        _exit(message, 1)
+    message = f"{os.path.basename(sys.argv[0])}: rank {rank} stops because {peer}\n"
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM ends the wait (train.py's handler would only flag it)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    time.sleep(PEER_WAIT)
+    _exit(message, 1, printed=True)
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def _read(store, key):
+    """The announcement of a peer's failure, or None (none yet, or no store to ask)."""
+    try:
+        return store.get(key).decode() if store is not None and store.check([key]) else None
+    except Exception:
+        return None
+
+
+def _exit(message, code, printed=False):
+    """Write torchrun's error file for this rank (its root-cause report), print the message, leave at once."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(message=dict(message=message.strip().splitlines()[-1],
+                                        extraInfo=dict(py_callstack=message, timestamp=str(int(time.time()))))), f)
+    if not printed:
+        sys.stderr.write(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def broadcast(obj):

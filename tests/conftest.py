@@ -44,9 +44,11 @@ def tokenizer(tiny):
 TIMEOUT = 900
 
 
-def torchrun(script, *args, nproc=2, timeout=TIMEOUT, check=True):
-    """`torchrun --standalone` (a free port, a local rendezvous); with check=False the finished process is returned."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *map(str, args)]
+def torchrun(script, *args, nproc=2, timeout=TIMEOUT, check=True, monitor_interval=None):
+    """`torchrun --standalone` (a free port, a local rendezvous); with check=False the finished process is returned.
+    monitor_interval: seconds between torchrun's looks at its workers (its default 0.1)."""
+    launcher = [f"--monitor-interval={monitor_interval}"] if monitor_interval else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *launcher, f"--nproc_per_node={nproc}", script, *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if not check:
