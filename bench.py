@@ -9,6 +9,7 @@ Rows: gradient-cache overhead, memory flat in batch size, padding of length-grou
 against sentence-transformers' CachedMultipleNegativesRankingLoss, and retrieval scoring against pytrec_eval.
 """
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import statistics
@@ -22,12 +23,14 @@ import torch
 import builtin
 import checkpoint
 import data
-import distributed
+import launch
 import metrics
 import loss as f2llm_loss
 import model as f2llm_model
+import speed
 
 MAX_LEN, QUERIES, CHUNK = 128, 32, 64  # the tiny model at 128 tokens, the preset's batch and chunk
+CHUNKS = lambda seqs: speed.chunk_by_length(seqs, CHUNK)  # noqa: E731
 
 
 def timed(fn, repeats=3):
@@ -41,8 +44,9 @@ def timed(fn, repeats=3):
 
 
 def builtin_batches(tokenizer, queries=QUERIES, max_len=MAX_LEN):
-    folder = builtin.training_data(os.path.join(f2llm_model.CACHE, "stdlib-train"))
-    sources = data.load_sources(folder, tokenizer, max_len, os.path.join(f2llm_model.CACHE, "tokenized"), f2llm_model.tokenize, progress=False)
+    tokenize, folder = functools.partial(f2llm_model.tokenize, tokenizer, max_len=max_len), builtin.training_data(os.path.join(builtin.CACHE, "stdlib-train"))
+    sources = [data.load_source(f, data.task_type(data.source_name(f)), tokenize, os.path.join(builtin.CACHE, "tokenized"), progress=False)
+               for f in data.find_files(folder)]
     return data.Batches(sources, queries)
 
 
@@ -52,7 +56,7 @@ def retrieval_batch(batches):
 
 def uncached_step(model, batch, collate, chunk_size):
     """Baseline: the same length-grouped chunks, all kept in the autograd graph, one backward."""
-    chunks = f2llm_loss.chunk_by_length(batch["seqs"], chunk_size)
+    chunks = speed.chunk_by_length(batch["seqs"], chunk_size)
     order = torch.tensor([i for idx in chunks for i in idx])
     emb = torch.cat([model(*collate([batch["seqs"][i] for i in idx])) for idx in chunks])[order.argsort()]
     loss = f2llm_loss.f2llm_loss(*f2llm_loss.split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"])[0]
@@ -62,7 +66,7 @@ def uncached_step(model, batch, collate, chunk_size):
 def row_cache_overhead(model, tokenizer, batch):
     collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id)
     plain = timed(lambda: (uncached_step(model, batch, collate, CHUNK), model.zero_grad()))
-    cached = timed(lambda: (f2llm_loss.cached_step(model, batch, collate, CHUNK), model.zero_grad()))
+    cached = timed(lambda: (f2llm_loss.cached_step(model, batch, collate, CHUNKS), model.zero_grad()))
     n = -(-len(batch["seqs"]) // CHUNK)  # chunks; the cache adds a forward to each but the last: (4n - 1) / 3n of a plain step
     return (f"gradient cache: step {cached:.2f} s vs plain {plain:.2f} s ({len(batch['seqs'])} sequences)", cached / plain,
             f"<= 1.4 (floor ~{(4 * n - 1) / (3 * n):.2f})")
@@ -80,7 +84,7 @@ def _peak_step_memory(queries):
     model, tokenizer = f2llm_model.load("tiny")
     batch = retrieval_batch(builtin_batches(tokenizer, queries))
     collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id)
-    f2llm_loss.cached_step(model, retrieval_batch(builtin_batches(tokenizer, 2)), collate, CHUNK)  # allocate grads
+    f2llm_loss.cached_step(model, retrieval_batch(builtin_batches(tokenizer, 2)), collate, CHUNKS)  # allocate grads
     base, peak, done = _rss_mib(), [0.0], threading.Event()
     def sample():
         while not done.is_set():
@@ -88,7 +92,7 @@ def _peak_step_memory(queries):
             time.sleep(0.001)
     sampler = threading.Thread(target=sample)
     sampler.start()
-    f2llm_loss.cached_step(model, batch, collate, CHUNK)
+    f2llm_loss.cached_step(model, batch, collate, CHUNKS)
     done.set()
     sampler.join()
     return peak[0] - base
@@ -107,7 +111,7 @@ def padding_ratio(batches, grouped, chunk=CHUNK):
     for step in range(batches.steps_per_epoch):
         seqs = batches(step)["seqs"]
         order = range(len(seqs))
-        chunks = f2llm_loss.chunk_by_length(seqs, chunk) if grouped else [list(order[i:i + chunk]) for i in range(0, len(seqs), chunk)]
+        chunks = speed.chunk_by_length(seqs, chunk) if grouped else [list(order[i:i + chunk]) for i in range(0, len(seqs), chunk)]
         for idx in chunks:
             lengths = [len(seqs[i]) for i in idx]
             real, computed = real + sum(lengths), computed + max(lengths) * len(lengths)
@@ -151,7 +155,7 @@ def row_sentence_transformers(model, tokenizer, batches):
 
     def our_steps():
         for b in steps:
-            f2llm_loss.cached_step(model, b, collate, CHUNK)
+            f2llm_loss.cached_step(model, b, collate, CHUNKS)
             opt.step()
             opt.zero_grad()
     theirs, ours = timed(st_steps, 2), timed(our_steps, 2)
@@ -205,9 +209,9 @@ def synthetic_source(path, rows, negatives=24, seed=0, block=50_000):
 
 def _load_once(path, cache):
     """In a fresh process: seconds and peak resident memory (MiB) to check and tokenize one source."""
-    model_tokenizer = f2llm_model.offline_tokenizer()
+    tokenize = functools.partial(f2llm_model.tokenize, builtin.qwen3_tokenizer(), max_len=512)
     start = time.perf_counter()
-    source = data.load_source(path, model_tokenizer, 512, cache, "retrieval", f2llm_model.tokenize, progress=False)
+    source = data.load_source(path, "retrieval", tokenize, cache, progress=False)
     import resource
     return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, len(source.query)
 
@@ -268,7 +272,7 @@ def main():
     args = p.parse_args()
     if args.ops:
         import bench_gpu
-        with distributed.process_group(1, torch.device("cpu"), needed=True):
+        with launch.process_group(1, torch.device("cpu"), needed=True):
             bench_gpu.operations(args.ops, torch.device("cpu"))
     if args.mine:
         return print(row_mining(args.mine)[0])

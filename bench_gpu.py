@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import builtin
 import checkpoint
-import distributed
+import launch
 import loss as f2llm_loss
 import model as f2llm_model
+import speed
 import train
 
 PEAK_TFLOPS = 989.0
@@ -77,17 +79,17 @@ def model_flops(model, seqs):
     return sum(6 * matmul * len(s) + 3 * attention * len(s) ** 2 / 2 for s in seqs)
 
 
-def settings(variant, chunk_tokens=None):
-    """The train.py flags a variant stands for; chunk_tokens: the run's token budget, before the variant's scale."""
+def settings(variant, chunk_tokens=None, chunk_size=None):
+    """The train.py flags a variant stands for; chunk_size, chunk_tokens: the run's, before the variant's scale."""
     tokens = chunk_tokens * variant.scale if chunk_tokens and variant.chunks != "sequences" else None
     return SimpleNamespace(precision=variant.precision, compile=variant.compile, liger=variant.liger, fsdp=False, chunk_tokens=tokens,
-                           padded=variant.chunks == "tokens")
+                           padded=variant.chunks == "tokens", chunk_size=chunk_size * variant.scale if chunk_size else None)
 
 
 def build(size, args, device):
     """The model as train.py builds it for these flags, and its collate (packed rows filled as train.py fills them)."""
-    model, tokenizer = f2llm_model.load(size, random_init=True, device=device, packed=train.packs(args))
-    model = train.parallelize(model, args, 1, 0, device)
+    model, tokenizer = f2llm_model.load(size, random_init=True, device=device, packed=speed.packs(args))
+    model = speed.parallelize(model, args, 1, 0, device)
     return model, tokenizer, train.collate_for(args, tokenizer, device)
 
 
@@ -96,11 +98,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def checks(size, max_len, device):
+def device_checks(size, max_len, device):
     """What only the device can show: its attention kernel on packed rows against the padded path (the one
     evaluation takes), and the cache under bf16 through that kernel's backward."""
     model, tokenizer, collate = build(size, settings(Variant("packed", "bf16", "packed", False, False, 1), max_len * 4), device)
-    kernels = model.backbone.config._attn_implementation, f2llm_model.attention_implementation(device)
+    kernels = model.backbone.config._attn_implementation, speed.attention_implementation(device)
     use = model.backbone.set_attn_implementation
     batch = make_batch("f2llm", 4, max_len, tokenizer.eos_token_id, seed=1)
     with torch.no_grad():
@@ -109,7 +111,8 @@ def checks(size, max_len, device):
         padded = model(*f2llm_model.pad(batch["seqs"], tokenizer.pad_token_id, device=device))
         use(kernels[0])
     grads = lambda: {n: p.grad.full_tensor().float().clone() for n, p in model.named_parameters()}
-    f2llm_loss.cached_step(model, batch, collate, chunk_tokens=max_len * 4)
+    with speed.gathered(model):
+        f2llm_loss.cached_step(model, batch, collate, lambda seqs: speed.chunk_by_tokens(seqs, max_len * 4, device))
     cached = grads()
     model.zero_grad()
     use(kernels[1])
@@ -126,27 +129,27 @@ def checks(size, max_len, device):
 
 
 def amp_for(variant, device):
-    return (lambda: f2llm_model.autocast(device)) if variant.precision == "fp32" else nullcontext
+    return (lambda: speed.autocast(device)) if variant.precision == "fp32" else nullcontext
 
 
 def real_share(seqs, variant, chunk_size, chunk_tokens):
     """Real tokens / tokens the step computes (the padding of padded chunks, the filling of compiled packed rows)."""
-    args = settings(variant, chunk_tokens)
-    chunks = f2llm_loss.make_chunks(seqs, chunk_size * variant.scale, args.chunk_tokens, padded=args.padded)
-    lengths = [[len(seqs[i]) for i in c] for c in chunks]
-    computed = [max(train.packed_width(args) or 0, sum(n)) if variant.packed else len(n) * max(n) for n in lengths]
+    args = settings(variant, chunk_tokens, chunk_size)
+    lengths = [[len(seqs[i]) for i in c] for c in speed.chunker(args, "cpu")(seqs)]
+    computed = [max(speed.packed_width(args) or 0, sum(n)) if variant.packed else len(n) * max(n) for n in lengths]
     return sum(map(len, seqs)) / sum(computed)
 
 
 def make_step(model, collate, batch, variant, chunk_size, chunk_tokens, device):
     """One full training step as train.py runs it: cached forward + backward, clipping, AdamW; chunks of the run's
     size times the variant's scale."""
-    chunk_size, chunk_tokens = chunk_size * variant.scale, settings(variant, chunk_tokens).chunk_tokens
+    chunker = speed.chunker(settings(variant, chunk_tokens, chunk_size), device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
     amp = amp_for(variant, device)
 
     def step():
-        f2llm_loss.cached_step(model, batch, collate, chunk_size, amp, chunk_tokens=chunk_tokens, padded=variant.chunks == "tokens")
+        with speed.gathered(model):
+            f2llm_loss.cached_step(model, batch, collate, chunker, amp=amp)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -199,14 +202,14 @@ class _Operations(TorchDispatchMode):
 def operations(size, device, chunks=4):
     """Host work per chunk, whatever its size: the aten operations of one cached step (short sequences, `chunks`
     chunks) divided by its chunks, each issued by the host one by one (on a GPU, a kernel launch or more each)."""
-    batch = make_batch("f2llm", 4, 64, f2llm_model.offline_tokenizer().eos_token_id)
+    batch = make_batch("f2llm", 4, 64, builtin.qwen3_tokenizer().eos_token_id)
     rows = [(VARIANTS[0], True), (VARIANTS[1], False), (VARIANTS[1], True)]
     for variant, once in rows:
         model, _, collate = build(size, settings(variant), device)
         for _ in range(2):  # the first step pays one-time work (lazy initialisation); the second is counted
-            with _Operations() as counted:
-                f2llm_loss.cached_step(model, batch, collate, -(-len(batch["seqs"]) // chunks),
-                                       amp_for(variant, device), gather_once=once)
+            with _Operations() as counted, speed.gathered(model) if once else nullcontext():
+                f2llm_loss.cached_step(model, batch, collate, lambda seqs: speed.chunk_by_length(seqs, -(-len(seqs) // chunks)),
+                                       amp=amp_for(variant, device))
             model.zero_grad(set_to_none=True)
         how = ("FSDP2 gathers weights per forward and backward" if not once else "weights gathered once per step") if variant.precision == "bf16" else ""
         print(f"operations per chunk | {variant.name:46} | {how:47} | {counted.n // chunks:,}", flush=True)
@@ -294,7 +297,7 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
           f"or {chunk_tokens:,} tokens", flush=True)
     start, failures, skipped = time.perf_counter(), [], []
     chosen = [VARIANTS[i] for i in (variants if variants is not None else range(len(VARIANTS)))]
-    eos = f2llm_model.offline_tokenizer().eos_token_id
+    eos = builtin.qwen3_tokenizer().eos_token_id
     batches = {p: make_batch(p, queries, max_len, eos) for p in ("f2llm", "full")}
     probe = make_batch("f2llm", 4, max_len, eos, seed=2)["seqs"]
     state = dict(best=None, reference=None)
@@ -326,8 +329,8 @@ def run(size="0.6b", queries=32, device="cuda", max_len=1024, chunk_size=16, chu
             if state["best"] is None or profile == "f2llm" and seconds < state["best"][0]:
                 state["best"] = (seconds, variant, batches[profile], tokenizer)
 
-    with distributed.process_group(1, device, needed=True):
-        if checks_first and attempt("checks", checks, size, max_len, device) is False:
+    with launch.process_group(1, device, needed=True):
+        if checks_first and attempt("checks", device_checks, size, max_len, device) is False:
             failures.append("checks")
         if profile_step_too:  # where a step's time goes, part 1: the host's work per chunk
             attempt("operations per chunk", operations, size, device)

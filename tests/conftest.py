@@ -11,6 +11,7 @@ sys.path.insert(0, ROOT)
 
 import loss as f2llm_loss  # noqa: E402
 import model as f2llm_model  # noqa: E402
+import speed  # noqa: E402
 
 WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "vo", "ze") for b in ("rin", "dal", "pok", "mus", "tef", "gar")]
 
@@ -95,6 +96,16 @@ def make_batch(tokenizer, n_queries, n_negatives, in_batch, seed=0):
     return dict(seqs=seqs, n_queries=n_queries, n_negatives=n_negatives, in_batch=in_batch)
 
 
+def by_length(chunk_size):
+    """Chunks of chunk_size sequences, grouped by length (train.py --chunk-size)."""
+    return lambda seqs: speed.chunk_by_length(seqs, chunk_size)
+
+
+def by_tokens(chunk_tokens, padded=False):
+    """Chunks of chunk_tokens tokens (train.py --chunk-tokens, --padded)."""
+    return lambda seqs: speed.chunk_by_tokens(seqs, chunk_tokens, padded=padded)
+
+
 def shard(batch, rank, world):
     """This rank's queries and their groups of the global batch."""
     B, group = batch["n_queries"] // world, 1 + batch["n_negatives"]
@@ -107,7 +118,7 @@ def uncached_step(model, batch, collate, in_batch_grad=False):
     """The plain reference: every sequence through autograd at once."""
     emb = model(*collate(batch["seqs"]))
     loss = f2llm_loss.f2llm_loss(*f2llm_loss.split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"],
-                                 in_batch_grad=in_batch_grad)[0]
+                                 f2llm_loss.Objective(in_batch_grad=in_batch_grad))[0]
     loss.backward()
     return loss.detach()
 

@@ -6,14 +6,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from conftest import make_batch, shard
+from conftest import by_length, make_batch, shard
 
 import loss as f2llm_loss
 import model as f2llm_model
-import distributed
+import launch
 
 out, kind = sys.argv[1], sys.argv[2]  # retrieval, retrieval-grad (in_batch_grad) or clustering
-with distributed.process_group(int(os.environ["WORLD_SIZE"]), torch.device("cpu")):  # the trainer's own way in and out
+with launch.process_group(int(os.environ["WORLD_SIZE"]), torch.device("cpu")):  # the trainer's own way in and out
     rank, world = dist.get_rank(), dist.get_world_size()
     model, tokenizer = f2llm_model.load("tiny")
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
@@ -21,7 +21,8 @@ with distributed.process_group(int(os.environ["WORLD_SIZE"]), torch.device("cpu"
     ddp.register_comm_hook(None, lambda group, bucket: (reduced.append(bucket.index()), allreduce_hook(group, bucket))[1])
     batch = make_batch(tokenizer, 6, 3, kind != "clustering")
     collate = lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id)
-    loss, _, _ = f2llm_loss.cached_step(ddp, shard(batch, rank, world), collate, chunk_size=5, in_batch_grad=kind == "retrieval-grad")
+    loss, _, _ = f2llm_loss.cached_step(ddp, shard(batch, rank, world), collate, by_length(5),
+                                        f2llm_loss.Objective(in_batch_grad=kind == "retrieval-grad"))
     losses = [torch.zeros(()) for _ in range(world)]
     dist.all_gather(losses, loss)
     if rank == 0:

@@ -7,14 +7,17 @@ import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from conftest import make_batch
+from contextlib import nullcontext
+
+from conftest import by_length, make_batch
 
 import loss as f2llm_loss
 import model as f2llm_model
-import distributed
+import launch
+import speed
 
 runs = {}
-with distributed.process_group(1, torch.device("cpu"), needed=True):
+with launch.process_group(1, torch.device("cpu"), needed=True):
     for name, once in (("once", True), ("per forward", False)):
         model, tokenizer = f2llm_model.load("tiny")
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -27,7 +30,8 @@ with distributed.process_group(1, torch.device("cpu"), needed=True):
         batch, collate = make_batch(tokenizer, 5, 3, True), lambda seqs, pad=tokenizer.pad_token_id: f2llm_model.pad(seqs, pad)
         losses = []
         for _ in range(3):
-            losses.append(f2llm_loss.cached_step(model, batch, collate, chunk_size=7, gather_once=once)[0])
+            with speed.gathered(model) if once else nullcontext():  # train.py's step gathers them once
+                losses.append(f2llm_loss.cached_step(model, batch, collate, by_length(7))[0])
             grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
             sharded_after = all(isinstance(p, DTensor) for p in model.parameters())
             optimizer.step()

@@ -6,13 +6,14 @@ import sys
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from conftest import make_batch, uncached_step
+from conftest import by_length, make_batch, uncached_step
 
 import loss as f2llm_loss
 import model as f2llm_model
-import distributed
+import launch
+import speed
 
-with distributed.process_group(1, torch.device("cpu"), needed=True):
+with launch.process_group(1, torch.device("cpu"), needed=True):
     model, tokenizer = f2llm_model.load("tiny")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.backbone.layers:
@@ -21,7 +22,8 @@ with distributed.process_group(1, torch.device("cpu"), needed=True):
     forwards = []
     model.register_forward_hook(lambda module, inputs, output: forwards.append(output.detach().clone()))
     batch, collate = make_batch(tokenizer, 5, 3, True), lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id)
-    f2llm_loss.cached_step(model, batch, collate, chunk_size=7)
+    with speed.gathered(model):  # as train.py's step runs it
+        f2llm_loss.cached_step(model, batch, collate, by_length(7))
     grads = lambda: {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
     cached, cached_forwards = grads(), list(forwards)
     model.zero_grad()

@@ -48,7 +48,7 @@ def test_mteb_with_f2llms_registered_settings_scores_as_eval_py(exported, tmp_pa
     from mteb.models.model_implementations.codefuse_models import F2LLM_0B6
     folder = builtin.tasks(str(tmp_path / "tasks"))[0]
     task = ev.load_task(folder)
-    ours = ev.evaluate(*f2llm_model.load(str(exported)), [folder], max_len=8192, progress=False)[0]["scores"]
+    ours = ev.evaluate(*f2llm_model.load(str(exported)), [folder], max_len=8192)[0]["scores"]
 
     class StdlibCodeRetrieval(AbsTaskRetrieval):
         metadata = TaskMetadata(type="Retrieval", name="StdlibCodeRetrieval", main_score="ndcg_at_10", prompt=task["instruction"], **general_args)

@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 import random
@@ -12,8 +13,9 @@ import model as f2llm_model
 
 
 def load(paths, tokenizer, tmp_path, overrides=None):
-    return [data.load_source(str(p), tokenizer, 32, str(tmp_path / "cache"), data.task_type(data.source_name(str(p)), overrides),
-                             f2llm_model.tokenize, progress=False) for p in paths]
+    tokenize = functools.partial(f2llm_model.tokenize, tokenizer, max_len=32)
+    return [data.load_source(str(p), data.task_type(data.source_name(str(p)), overrides), tokenize, str(tmp_path / "cache"), progress=False)
+            for p in paths]
 
 
 @pytest.fixture
@@ -36,14 +38,15 @@ def test_names_in_no_official_list_are_reported():
 
 def test_tokenized_once_and_cached(tmp_path, tokenizer):
     path, calls = write_rows(tmp_path / "msmarco.jsonl", [dict(GOOD, query=f"q{i % 7}") for i in range(50)]), []  # repeated texts
-    def tokenize(*args):
+    def counted(*args, **kwargs):
         calls.append(len(args[1]))
-        return f2llm_model.tokenize(*args)
-    first = data.load_source(str(path), tokenizer, 32, str(tmp_path / "cache"), "retrieval", tokenize, progress=False)
+        return f2llm_model.tokenize(*args, **kwargs)
+    tokenize = functools.partial(counted, tokenizer, max_len=32)
+    first = data.load_source(str(path), "retrieval", tokenize, str(tmp_path / "cache"), progress=False)
     assert first.text(first.query[0]) == f2llm_model.tokenize(tokenizer, [json.loads(path.open().readline())["query"]], 32)[0]
     n_texts = len({v for line in path.open() for v in json.loads(line).values()})
     assert sum(calls) == n_texts  # each distinct text once
-    again = data.load_source(str(path), tokenizer, 32, str(tmp_path / "cache"), "retrieval", tokenize, progress=False)
+    again = data.load_source(str(path), "retrieval", tokenize, str(tmp_path / "cache"), progress=False)
     assert sum(calls) == n_texts and np.array_equal(again.negatives, first.negatives)
     assert [again.text(t) for t in range(n_texts)] == [first.text(t) for t in range(n_texts)]
 

@@ -1,5 +1,6 @@
 """Each fault a cluster or a user inflicts, injected, with the outcome it must have: resumable, nothing
 overwritten, or a clear error before any step."""
+import functools
 import json
 import os
 import shutil
@@ -160,7 +161,7 @@ def test_a_fresh_run_never_overwrites_and_two_runs_never_share_an_out(data_dir, 
 
 def test_the_cache_is_keyed_by_task_type_and_rebuilt_when_damaged(tmp_path, tokenizer, capsys):
     path = write_source(tmp_path / "imdb.jsonl", 20, 1, seed=3)  # one negative: fine as classification only
-    load = lambda kind: data.load_source(str(path), tokenizer, 32, str(tmp_path / "cache"), kind, f2llm_model.tokenize)
+    load = lambda kind: data.load_source(str(path), kind, functools.partial(f2llm_model.tokenize, tokenizer, max_len=32), str(tmp_path / "cache"))
     expected = [load("classification").text(t) for t in range(5)]
     with pytest.raises(data.DataError, match="1 negative columns, a retrieval source needs at least 7"):
         load("retrieval")  # not the cached classification rows without their checks
@@ -218,21 +219,23 @@ def test_errors_that_say_what_is_wrong(data_dir, tmp_path, monkeypatch):
     train.main(args_for(data_dir, tmp_path, "--out", tmp_path / "c", "--stop-at", 3))
     with pytest.raises(SystemExit, match="--stop-at 2: the checkpoint is already at step 3"):
         train.main(args_for(data_dir, tmp_path, "--out", tmp_path / "c", "--resume", "--stop-at", 2))
+    sources = lambda folder: [data.load_source(f, "retrieval", functools.partial(f2llm_model.tokenize, f2llm_model.load("tiny")[1], max_len=32),
+                                               str(tmp_path / "cache")) for f in data.find_files(folder)]
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "qa.jsonl").write_bytes(b'{"query": "caf\xe9", "passage": "p"}\n')
     with pytest.raises(data.DataError, match="qa.jsonl: line 1: not UTF-8"):
-        data.load_sources(str(bad), f2llm_model.load("tiny")[1], 32, str(tmp_path / "cache"), f2llm_model.tokenize)
+        sources(str(bad))
     (bad / "qa.jsonl").unlink()
     (bad / "imdb.parquet").write_text("not parquet")
     with pytest.raises(data.DataError, match="imdb.parquet: not a parquet file"):
-        data.load_sources(str(bad), f2llm_model.load("tiny")[1], 32, str(tmp_path / "cache"), f2llm_model.tokenize)
+        sources(str(bad))
     with pytest.raises(data.DataError, match="nothere/data: no such folder"):
         data.find_files(str(tmp_path / "nothere" / "data"))
     long = "x" * 240  # a source name longer than a cache folder name may be
     (tmp_path / "long").mkdir()
     path = write_source(tmp_path / "long" / f"{long}.jsonl", 20, 8, seed=4)
-    assert data.load_source(str(path), f2llm_model.load("tiny")[1], 32, str(tmp_path / "cache"), "retrieval", f2llm_model.tokenize).name == long
+    assert sources(str(tmp_path / "long"))[0].name == long
 
 
 def test_the_log_and_the_curves_after_a_crash_are_the_history_of_the_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -5,10 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, TIMEOUT, make_batch, uncached_step
+from conftest import ROOT, TIMEOUT, by_length, by_tokens, make_batch, uncached_step
 
 import loss as f2llm_loss
 import model as f2llm_model
+import speed
 
 
 def reference_loss(q, p, negs, in_batch, tau=0.05):
@@ -47,7 +48,7 @@ def test_in_batch_term_trains_the_queries_only_unless_asked(in_batch_grad):
     grads = {}
     for in_batch in (True, False):
         leaves = [x.clone().requires_grad_() for x in (q, p, negs)]
-        loss = f2llm_loss.f2llm_loss(*leaves, in_batch, in_batch_grad=in_batch_grad)[0]
+        loss = f2llm_loss.f2llm_loss(*leaves, in_batch, f2llm_loss.Objective(in_batch_grad=in_batch_grad))[0]
         loss.backward()
         grads[in_batch] = [x.grad for x in leaves]
         if in_batch:
@@ -76,7 +77,7 @@ def test_gradient_cache_equals_uncached(tiny, chunk_size, kind):
     ref_loss = uncached_step(model, batch, collate, in_batch_grad=grad)
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, chunk_size, in_batch_grad=grad)
+    loss, hard, ib = f2llm_loss.cached_step(model, batch, collate, by_length(chunk_size), f2llm_loss.Objective(in_batch_grad=grad))
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     scale = max(g.abs().max().item() for g in ref.values())
     for n, p in model.named_parameters():
@@ -91,13 +92,13 @@ def test_packed_chunks_equal_padded(tiny, chunk_tokens, filled):
     # padded batches (fp32), under the gradient cache, for token budgets that split the batch unevenly or not at all;
     # filled: every row filled up to the budget, as train.py fills them for compiled kernels.
     model, tokenizer = tiny
-    pack = lambda seqs: f2llm_model.pack(seqs, width=chunk_tokens if filled else None)
+    pack = lambda seqs: speed.pack(seqs, width=chunk_tokens if filled else None)
     batch = make_batch(tokenizer, 5, 3, True)
     model.zero_grad()
     ref_loss = uncached_step(model, batch, lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id))
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    loss = f2llm_loss.cached_step(model, batch, pack, chunk_tokens=chunk_tokens)[0]
+    loss = f2llm_loss.cached_step(model, batch, pack, by_tokens(chunk_tokens))[0]
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     scale = max(g.abs().max().item() for g in ref.values())
     for n, p in model.named_parameters():
@@ -117,7 +118,7 @@ def test_padded_token_chunks_equal_uncached(tiny, chunk_tokens):
     # sequence alone); the gradient cache gives the uncached loss and gradients whatever the split.
     model, tokenizer = tiny
     batch = make_batch(tokenizer, 5, 3, True)
-    chunks = f2llm_loss.make_chunks(batch["seqs"], chunk_tokens=chunk_tokens, padded=True)
+    chunks = by_tokens(chunk_tokens, padded=True)(batch["seqs"])
     assert sorted(i for c in chunks for i in c) == list(range(len(batch["seqs"])))
     for c in chunks:
         assert len(c) == 1 or len(c) * max(len(batch["seqs"][i]) for i in c) <= chunk_tokens
@@ -127,7 +128,7 @@ def test_padded_token_chunks_equal_uncached(tiny, chunk_tokens):
     ref_loss = uncached_step(model, batch, collate)
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    loss = f2llm_loss.cached_step(model, batch, collate, chunk_tokens=chunk_tokens, padded=True)[0]
+    loss = f2llm_loss.cached_step(model, batch, collate, by_tokens(chunk_tokens, padded=True))[0]
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     scale = max(g.abs().max().item() for g in ref.values())
     for n, p in model.named_parameters():
@@ -138,16 +139,16 @@ def test_padded_token_chunks_equal_uncached(tiny, chunk_tokens):
 def test_flex_attention_packed_rows_embed_as_padded(tokenizer):
     # The packed path on GPUs without flash-attn: FlexAttention with the block mask the encoder builds from each
     # sequence's end. Forward only (FlexAttention has no backward on CPU; bench.py --gpu checks its gradient).
-    assert f2llm_model.attention_implementation("cuda", packed=True) in ("flex_attention", "flash_attention_2")
-    assert f2llm_model.attention_implementation("cpu", packed=True) == "sdpa"
+    assert speed.attention_implementation("cuda", packed=True) in ("flex_attention", "flash_attention_2")
+    assert speed.attention_implementation("cpu", packed=True) == "sdpa"
     model = f2llm_model.load("tiny")[0]  # its own copy: the attention is switched
     batch = make_batch(tokenizer, 5, 3, True)
     with torch.no_grad():
         padded = model(*f2llm_model.pad(batch["seqs"], tokenizer.pad_token_id))
         model.backbone.set_attn_implementation("flex_attention")
-        packed = model(*f2llm_model.pack(batch["seqs"]))
-        filled = model(*f2llm_model.pack(batch["seqs"], width=sum(map(len, batch["seqs"])) + 300))  # as train.py fills rows for it
-        whole = model(*f2llm_model.pack(batch["seqs"][:1] * 2))  # a sequence attending to its copy would move
+        packed = model(*speed.pack(batch["seqs"]))
+        filled = model(*speed.pack(batch["seqs"], width=sum(map(len, batch["seqs"])) + 300))  # as train.py fills rows for it
+        whole = model(*speed.pack(batch["seqs"][:1] * 2))  # a sequence attending to its copy would move
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
     torch.testing.assert_close(filled, padded, atol=1e-5, rtol=0)
     torch.testing.assert_close(whole[1], padded[0], atol=1e-5, rtol=0)
@@ -161,8 +162,10 @@ def test_compiled_layers_give_the_eager_gradient(tokenizer):
     eager = f2llm_model.load("tiny")[0]
     batches = [make_batch(tokenizer, 5, 3, True), make_batch(tokenizer, 4, 2, True, seed=1)]  # other lengths, other chunks
     for chunks in (dict(chunk_size=7), dict(chunk_tokens=128)):
-        args = SimpleNamespace(liger=False, compile=True, precision="fp32", fsdp=False, chunk_tokens=chunks.get("chunk_tokens"), padded=False)
-        compiled = train.parallelize(f2llm_model.load("tiny")[0], args, 1, 0, torch.device("cpu"))  # same seed, same weights
+        args = SimpleNamespace(liger=False, compile=True, precision="fp32", fsdp=False, chunk_tokens=chunks.get("chunk_tokens"), padded=False,
+                               chunk_size=chunks.get("chunk_size"))
+        compiled = speed.parallelize(f2llm_model.load("tiny")[0], args, 1, 0, torch.device("cpu"))  # same seed, same weights
+        chunker = speed.chunker(args, torch.device("cpu"))
         collate, widths, graphs = train.collate_for(args, tokenizer, torch.device("cpu")), set(), []
         def seen(seqs, collate=collate, widths=widths):
             inputs = collate(seqs)
@@ -170,8 +173,8 @@ def test_compiled_layers_give_the_eager_gradient(tokenizer):
             return inputs
         torch._dynamo.utils.counters.clear()
         for batch in batches:
-            (ref_loss, *_), ref = f2llm_loss.cached_step(eager, batch, collate, **chunks), {n: p.grad.clone() for n, p in eager.named_parameters()}
-            loss = f2llm_loss.cached_step(compiled, batch, seen, **chunks)[0]
+            (ref_loss, *_), ref = f2llm_loss.cached_step(eager, batch, collate, chunker), {n: p.grad.clone() for n, p in eager.named_parameters()}
+            loss = f2llm_loss.cached_step(compiled, batch, seen, chunker)[0]
             torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
             scale = max(g.abs().max().item() for g in ref.values())
             for n, p in compiled.named_parameters():

@@ -4,6 +4,7 @@ from conftest import ROOT  # noqa: F401  (puts the project on sys.path)
 
 import loss as f2llm_loss
 import model as f2llm_model
+import speed
 
 
 def test_real_qwen3_vocabulary(tokenizer):
@@ -92,7 +93,7 @@ def test_own_attention_masks_give_transformers_embeddings(tokenizer, attention):
     seqs = f2llm_model.tokenize(tokenizer, ["short", "a somewhat longer text with many more tokens than the first " * 12,
                                             "mid size text"], 512)
     inputs = [f2llm_model.pad(seqs, tokenizer.pad_token_id, "right"), f2llm_model.pad(seqs, tokenizer.pad_token_id, "left"),
-              f2llm_model.pad([seqs[1][:6], seqs[1][6:12]], tokenizer.pad_token_id), f2llm_model.pack(seqs)]
+              f2llm_model.pad([seqs[1][:6], seqs[1][6:12]], tokenizer.pad_token_id), speed.pack(seqs)]
     assert inputs[2][1] is None  # nothing padded: no mask, the plain causal kernel
     with torch.no_grad():
         for args in inputs:
@@ -110,11 +111,11 @@ def test_a_forward_and_backward_never_read_the_device_back(tokenizer):
         model = f2llm_model.Encoder(f2llm_model.Qwen3Model(config))
     batch = dict(seqs=f2llm_model.tokenize(tokenizer, [f"text {i} " * (1 + i % 5) for i in range(12)], 64), n_queries=3,
                  n_negatives=2, in_batch=True)
-    f2llm_loss.cached_step(model, batch, lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=meta), chunk_size=4)
-    f2llm_loss.cached_step(model, batch, lambda s: f2llm_model.pack(s, meta), chunk_tokens=40)
+    f2llm_loss.cached_step(model, batch, lambda s: f2llm_model.pad(s, tokenizer.pad_token_id, device=meta), lambda s: speed.chunk_by_length(s, 4))
+    f2llm_loss.cached_step(model, batch, lambda s: speed.pack(s, meta), lambda s: speed.chunk_by_tokens(s, 40, meta))
     docs = torch.zeros(1, 300, dtype=torch.long, device=meta)
-    assert type(f2llm_model.attention_masks("flex_attention", docs, None, 300, meta)["full_attention"]).__name__ == "BlockMask"
+    assert type(speed.attention_masks("flex_attention", docs, None, 300, meta)["full_attention"]).__name__ == "BlockMask"
     with pytest.raises(RuntimeError, match="meta"):
         transformers_way(model, *f2llm_model.pad(batch["seqs"][:4], tokenizer.pad_token_id, device=meta))
     with pytest.raises(RuntimeError, match="meta"):
-        transformers_way(model, *f2llm_model.pack(batch["seqs"][:4], meta))
+        transformers_way(model, *speed.pack(batch["seqs"][:4], meta))

@@ -1,4 +1,5 @@
-"""The process group of a torchrun job, and the one way out of it: a clean exit, or one rank's error named once."""
+"""How a process of ours starts and ends: which rank it is, torchrun's process group, SIGTERM as a request to stop,
+and the one way out of a torchrun job (a clean exit, or one rank's error named once)."""
 import json
 import os
 import signal
@@ -6,11 +7,47 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
+from typing import NamedTuple
 
+import torch
 import torch.distributed as dist
 
 PEER_WAIT = 60  # seconds a rank whose peer failed waits for torchrun to stop it (it does within a second)
 
+
+class Process(NamedTuple):
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def process():
+    """This process as torchrun started it (RANK, LOCAL_RANK, WORLD_SIZE; one process without torchrun), and its device."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    return Process(rank, local_rank, world, torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+
+
+# ---- stopping: a signal finishes the step, every rank after the same one -----------------------------------------
+
+_stop = [0.0]
+
+
+def stop_on_signals():
+    """SIGTERM (preemption, scancel, a torchrun shutdown) asks the run to stop after its current step. The flag
+    travels in the step's all-reduce (stop_requested), so every rank stops after the same step."""
+    signal.signal(signal.SIGTERM, lambda *_: _stop.__setitem__(0, 1.0))
+
+
+def stop_requested():
+    return _stop[0]
+
+
+# ---- the process group, and the ways out of it ----------------------------------------------------------------------
 
 @contextmanager
 def process_group(world, device, needed=False):
@@ -70,7 +107,7 @@ def failed(error):
     message = f"{os.path.basename(sys.argv[0])}: rank {rank} stops because {peer}\n"
     sys.stderr.write(message)
     sys.stderr.flush()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM ends the wait (train.py's handler would only flag it)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM ends the wait (stop_on_signals would only flag it)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     time.sleep(PEER_WAIT)
     _exit(message, 1, printed=True)
