@@ -5,10 +5,13 @@ the source name, which decides the task type), checked row by row (checks.py), i
 and tokenized with `Dataset.map`. The cache folder is keyed by everything that decides its content (the file's
 bytes, the tokenizer, the length, the task type the checks ran for, the tokenizing code), built in a folder of its
 own and renamed into place, and verified on load (sizes and checksums); a damaged one is rebuilt, with a message.
+A folder that a killed run was building is removed by the next run that finds it, never while its process lives.
 """
+import glob
 import json
 import os
 import shutil
+import socket
 
 import numpy as np
 
@@ -27,6 +30,7 @@ def tokenized(path, kind, need, tokenize, cache_dir, file_digest=None, progress=
     key = Hasher.hash((file_digest or checks.digest(path), checks.tokenizer_digest(tokenizer), max_len, kind, tokenize.func.__code__.co_code,
                        VERSION))
     folder = os.path.join(cache_dir, f"{os.path.basename(path).rsplit('.', 1)[0][:64]}-{key[:16]}")
+    remove_leftovers(cache_dir)
     if os.path.exists(folder) and not is_sound(folder, progress):
         shutil.rmtree(folder, ignore_errors=True)
     if not os.path.exists(folder):
@@ -64,7 +68,7 @@ def build(path, kind, need, tokenize, folder, key, progress):
     texts = pc.unique(pa.chunked_array([c for n in names for c in table.column(n).cast(pa.large_string()).chunks])).drop_null()
     index = {n: pc.fill_null(pc.index_in(table.column(n).cast(pa.large_string()), value_set=texts), -1).to_numpy().astype(np.int64)
              for n in names}  # -1: a missing negative
-    tmp = f"{folder}.tmp{os.getpid()}"
+    tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"  # whose it is: see remove_leftovers
     os.makedirs(tmp, exist_ok=True)
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
     if not progress:
@@ -83,6 +87,26 @@ def build(path, kind, need, tokenize, folder, key, progress):
         os.rename(tmp, folder)
     except OSError:  # another rank finished first: same content
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(cache_dir):
+    """Remove the folders that runs on this machine were building when they were killed (their process is gone). A
+    folder of a process still running, or of another machine sharing the cache, is left alone."""
+    for tmp in glob.glob(os.path.join(glob.escape(cache_dir), f"*.tmp-{glob.escape(socket.gethostname())}-*")):
+        pid = tmp.rsplit("-", 1)[1]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"removed {tmp}, left by a run that was killed while tokenizing", flush=True)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def is_sound(folder, progress=True):

@@ -11,8 +11,10 @@ import os
 
 import numpy as np
 
+import launch
 
-class DataError(ValueError):
+
+class DataError(launch.UserError, ValueError):
     pass
 
 
@@ -144,7 +146,7 @@ RESUME_KEYS = ("size", "model", "random_init", "data", "task_type", "max_len", "
 
 def check_args(p, args, task_types):
     """Every setting that could crash after training starts, or train nothing, refused (p.error) before any loading."""
-    for name, low in dict(batch_size=1, chunk_size=1, chunk_tokens=1, epochs=1, save_every=1, log_every=1, max_len=2, schedule_world=1, warmup=0,
+    for name, low in dict(batch_size=1, chunk_size=1, chunk_tokens=1, epochs=1, save_every=1, keep=1, log_every=1, max_len=2, schedule_world=1, warmup=0,
                           val_every=0, eval_every=0, stop_at=1, max_bad_steps=1).items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}" + (" (one text token and the EOS)" if name == "max_len" else ""))

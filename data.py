@@ -3,9 +3,11 @@
 Format of the released data (`codefuse-ai/F2LLM`): one parquet file per source with columns `query`,
 `passage`, `negative_1` .. `negative_n` (jsonl with the same keys works too). The file name is the source
 name and decides its task type:
-    retrieval       hard negatives + in-batch negatives, 7 of the stored negatives sampled per query
-    clustering      hard negatives only (in-batch texts often share the label), 7 sampled
+    retrieval       hard negatives + in-batch negatives, 7 of the stored negatives drawn per step
+    clustering      hard negatives only (in-batch texts often share the label), 7 drawn per step
     classification  hard negatives only, 1 (the other label name)
+Queries carry their instruction prompt ("Instruct: ...\nQuery: ...") in the file, as the released data's do: nothing
+adds it in training, while evaluation and the exported model add it to queries (mine.py writes it).
 Every global step draws all its queries from one source, picked as the official loop picks it; all ranks take
 disjoint shards of the same global batch, which is the same on any number of ranks (`Batches`).
 """
@@ -124,7 +126,7 @@ class Batches:
       so a source smaller than a batch is still trained.
     - Which source, each step: the official MultiLoader, i.e. random.Random(epoch).choices over the sources with
       weights fixed to each source's number of batches; a draw that finds its source used up removes it and
-      makes no step.
+      makes no step. Seeded by the epoch alone, as there: --seed changes rows and negatives, not the sources' order.
     - Which negatives: one draw of `n` slots among the stored negative columns per step, the same slots for every
       row of the global batch, as the official collate's random.sample(range(24), 7); classification takes
       negative_1. Seeded by the step (the official code draws from one global stream).

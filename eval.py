@@ -29,6 +29,7 @@ import torch
 
 import builtin
 import checks
+import launch
 import metrics
 import model as f2llm_model
 
@@ -42,7 +43,7 @@ KINDS = {TEXT: lambda v: isinstance(v, str), TEXTS: lambda v: isinstance(v, list
          NUMBERS: lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
 
 
-class TaskError(ValueError):
+class TaskError(launch.UserError, ValueError):
     pass
 
 
@@ -265,4 +266,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    launch.run(main)

@@ -1,5 +1,9 @@
-"""How a process of ours starts and ends: which rank it is, torchrun's process group, SIGTERM as a request to stop,
-and the one way out of a torchrun job (a clean exit, or one rank's error named once)."""
+"""How a process of ours starts and ends: which rank it is, torchrun's process group, SIGTERM and Ctrl-C as a request
+to stop, and the ways out: a clean exit, or an error in one line (a bug in a traceback), named once under torchrun.
+
+    python train.py ...          an error a user can cause or meet ends as `train.py: <what is wrong>`, exit status 1
+    F2LLM_TRACEBACK=1 python ... the same with its traceback, for debugging
+"""
 import json
 import os
 import signal
@@ -13,6 +17,11 @@ import torch
 import torch.distributed as dist
 
 PEER_WAIT = 60  # seconds a rank whose peer failed waits for torchrun to stop it (it does within a second)
+
+
+class UserError(RuntimeError):
+    """An error a user can cause or meet (bad input, a flag, a full disk, a damaged file): its message says what is
+    wrong and what to do, so it is all the user sees."""
 
 
 class Process(NamedTuple):
@@ -34,17 +43,64 @@ def process():
 
 # ---- stopping: a signal finishes the step, every rank after the same one -----------------------------------------
 
-_stop = [0.0]
+_stop = [0]  # the signal that asked to stop
 
 
 def stop_on_signals():
-    """SIGTERM (preemption, scancel, a torchrun shutdown) asks the run to stop after its current step. The flag
-    travels in the step's all-reduce (stop_requested), so every rank stops after the same step."""
-    signal.signal(signal.SIGTERM, lambda *_: _stop.__setitem__(0, 1.0))
+    """SIGTERM (preemption, scancel, a torchrun shutdown) and Ctrl-C ask the run to stop after its current step; a
+    second Ctrl-C stops it at once. The request travels in the step's all-reduce (stop_requested), so every rank stops
+    after the same step. Under torchrun, Ctrl-C reaches the workers as one SIGINT forwarded by torchrun."""
+    def first(signum, frame):
+        _stop[0] = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, again)
+            os.write(2, b"Ctrl-C: finishing this step, then a checkpoint (Ctrl-C again stops at once)\n")  # no buffer: a handler
+    def again(signum, frame):
+        raise KeyboardInterrupt("stopped at once by a second Ctrl-C; --resume continues from the last checkpoint")
+    signal.signal(signal.SIGTERM, first)
+    signal.signal(signal.SIGINT, first)
 
 
 def stop_requested():
-    return _stop[0]
+    return float(_stop[0] != 0)
+
+
+def exit_code():
+    """0 after a clean end or SIGTERM; 128 + 2 after Ctrl-C, as a shell expects of an interrupted program."""
+    return 128 + signal.SIGINT if _stop[0] == signal.SIGINT else 0
+
+
+# ---- errors: one line for the user's, a traceback for bugs --------------------------------------------------------------
+
+def run(main):
+    """A program's entry point: main() ends the process with its exit status, or with its error as one line."""
+    try:
+        code = main()
+    except BaseException as e:
+        line = one_line(e)
+        if line is None:
+            if not isinstance(e, SystemExit):
+                _record("".join(traceback.format_exception(e)))
+            raise
+        _exit(line, 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1, leave=sys.exit)
+    sys.exit(code or 0)
+
+
+def one_line(error):
+    """`program: message` for an error a user can cause or meet; None for a bug (or with F2LLM_TRACEBACK set)."""
+    if os.environ.get("F2LLM_TRACEBACK"):
+        return None
+    if isinstance(error, SystemExit):
+        message = None if error.code is None or isinstance(error.code, int) else str(error.code)
+    elif isinstance(error, (UserError, KeyboardInterrupt)):
+        message = str(error) or "interrupted"
+    elif isinstance(error, torch.OutOfMemoryError):
+        message = f"out of memory: {str(error).splitlines()[0]}; a smaller --chunk-size or --chunk-tokens (or eval.py --batch-size) fits"
+    elif isinstance(error, OSError) and error.strerror:
+        message = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        return None
+    return f"{os.path.basename(sys.argv[0])}: {message}\n" if message else None
 
 
 # ---- the process group, and the ways out of it ----------------------------------------------------------------------
@@ -80,7 +136,7 @@ def process_group(world, device, needed=False):
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(exit_code())
 
 
 def failed(error):
@@ -97,13 +153,13 @@ def failed(error):
     store = _store()
     peer = _read(store, key)
     if peer is None:
-        message = "".join(traceback.format_exception(error))
+        message = one_line(error) or "".join(traceback.format_exception(error))
         if store is not None:
             try:
                 store.set(key, f"rank {rank} failed: {message.strip().splitlines()[-1]}")
             except Exception:  # the store's host is gone: nobody is left to tell
                 pass
-        _exit(message, 1)
+        _exit(message, 128 + signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1)
     message = f"{os.path.basename(sys.argv[0])}: rank {rank} stops because {peer}\n"
     sys.stderr.write(message)
     sys.stderr.flush()
@@ -128,18 +184,23 @@ def _read(store, key):
         return None
 
 
-def _exit(message, code, printed=False):
-    """Write torchrun's error file for this rank (its root-cause report), print the message, leave at once."""
+def _exit(message, code, printed=False, leave=os._exit):
+    """Write torchrun's error file for this rank (its root-cause report), print the message, leave (at once: os._exit)."""
+    _record(message)
+    if not printed:
+        sys.stderr.write(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    leave(code)
+
+
+def _record(message):
+    """torchrun's error file for this process (TORCHELASTIC_ERROR_FILE), in the format of its own @record."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         with open(path, "w") as f:
             json.dump(dict(message=dict(message=message.strip().splitlines()[-1],
                                         extraInfo=dict(py_callstack=message, timestamp=str(int(time.time()))))), f)
-    if not printed:
-        sys.stderr.write(message)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def broadcast(obj):

@@ -8,15 +8,19 @@ Loss (F2LLM report, section 3), temperature tau = 0.05, s = cosine:
 The in-batch term as the released models were trained: the official code gathers the positives of all GPUs
 with accelerate's `gather`, a copy that carries no gradient (DeepSpeed, mandatory there, makes it a copy even
 on one GPU). So the in-batch term trains the queries only, and positives learn through the hard term alone.
-Here the positives are gathered detached on any number of ranks, each rank scores its own queries, and DDP's
-gradient averaging completes the mean over the global batch: N ranks give the gradient of one process holding
-the whole global batch. `in_batch_grad` is the other objective, where the gradient of every gathered positive
-flows back to the rank that made it (a differentiable all-gather); not the released recipe.
+Here the positives are gathered detached on any number of ranks, each rank scores its own queries, and the gradient
+averaging of DDP (or FSDP2, the default on GPUs) completes the mean over the global batch: N ranks give the gradient
+of one process holding the whole global batch. The in-batch candidates are positives only: no query, and no other
+query's hard negative. `in_batch_grad` is the other objective, where the gradient of every gathered positive flows
+back to the rank that made it (a differentiable all-gather); not the released recipe.
 
 Gradient cache (Gao et al. 2021): 1) embed every chunk without autograd, 2) loss on the detached embeddings,
 backward to d loss / d embedding, 3) re-embed each chunk with autograd under the same RNG state and backward with
-the cached gradient. Exact; memory of one chunk; one extra forward per chunk but the last, which keeps its graph
-from step 1 and is backpropagated right after step 2.
+the cached gradient. Each embedding depends on its own sequence only, so the gradient is the sum over chunks of
+each chunk's Jacobian times its cached gradient: the whole batch's gradient, up to the rounding of sums taken in
+another order. Memory of one chunk; one extra forward per chunk but the last, which keeps its graph from step 1 and
+is backpropagated right after step 2. (Qwen3 has no dropout, so the recorded RNG states only matter for a --model
+that has.)
 """
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -39,7 +43,8 @@ class Objective(NamedTuple):
 def f2llm_loss(queries, positives, negatives, in_batch, objective=Objective(), gather_ranks=True):
     """queries, positives: [B, H]; negatives: [B, n, H]; all L2-normalised. Returns (loss, hard, in_batch).
     The in-batch candidates are the positives of every rank (gather_ranks=False when the caller holds the whole
-    batch); they carry the in-batch term's gradient only with objective.in_batch_grad."""
+    batch), so every rank must hold B queries of the same source (data.Batches does); they carry the in-batch term's
+    gradient only with objective.in_batch_grad."""
     candidates = torch.cat([positives[:, None], negatives], 1)  # [B, 1 + n, H]
     scores = torch.einsum("bh,bch->bc", queries, candidates) / objective.temperature
     hard = F.cross_entropy(scores, torch.zeros(len(queries), dtype=torch.long, device=queries.device))  # label: the positive
@@ -95,8 +100,10 @@ def cached_step(model, batch, collate, chunker, objective=Objective(), amp=nullc
     """Forward + backward of one batch through the gradient cache; returns (loss, hard, in_batch), detached.
 
     batch: dict(seqs=[queries..., then per query its positive and n negatives], n_queries, n_negatives, in_batch).
-    collate: token lists -> the model's inputs on its device; chunker: seqs -> index lists (speed.chunker). All chunks
-    but the last backward skip the gradient all-reduce (no_sync): one all-reduce per step, as in a plain step."""
+    collate: token lists -> the model's inputs on its device; chunker: seqs -> index lists (speed.chunker).
+    One gradient all-reduce per step, as in a plain step: every forward and backward runs under no_sync (DDP registers
+    its hooks in the forward, so the forward too) except the re-embedding of the second-to-last chunk, the step's last
+    backward; a batch of one chunk is a plain step."""
     seqs = batch["seqs"]
     chunks, device = chunker(seqs), next(model.parameters()).device
     rows = speed.to_device(torch.tensor([i for idx in chunks for i in idx]), device).split([len(idx) for idx in chunks])
@@ -143,7 +150,7 @@ def restore_rng(state, device):
 def heldout_loss(model, batches, collate, chunker, objective=Objective(), amp=nullcontext):
     """Mean held-out loss per source, the same on any number of ranks: each rank embeds its shard of a held-out
     global batch, the shards are gathered, and the loss is computed on the whole batch."""
-    sums, device = {}, next(model.parameters()).device
+    sums, device, was_training = {}, next(model.parameters()).device, model.training
     model.eval()
     with torch.no_grad():
         for b in batches:
@@ -155,6 +162,6 @@ def heldout_loss(model, batches, collate, chunker, objective=Objective(), amp=nu
             total = sums.setdefault(b["source"], [0.0, 0])
             total[0] += f2llm_loss(q, p, negs, b["in_batch"], objective, gather_ranks=False)[0].item()
             total[1] += 1
-    model.train()
+    model.train(was_training)
     per_source = {name: s / n for name, (s, n) in sums.items()}
     return (sum(per_source.values()) / len(per_source) if per_source else None), per_source

@@ -40,7 +40,7 @@ import launch
 import model as f2llm_model
 
 
-class MineError(ValueError):
+class MineError(launch.UserError, ValueError):
     pass
 
 
@@ -247,4 +247,4 @@ def mine_source(args, rank):
 
 
 if __name__ == "__main__":
-    main()
+    launch.run(main)

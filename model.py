@@ -97,7 +97,7 @@ class Encoder(nn.Module):
             ends = width - 1 - mask.flip(1).int().argmax(1)  # the last real token, the appended EOS
         masks = speed.masks_for(self.backbone, attention_mask, ends, packed, width)  # causal, and never across sequences
         hidden = self.backbone(input_ids=input_ids, attention_mask=masks, position_ids=position_ids, use_cache=False).last_hidden_state
-        at = torch.arange(n, device=ends.device) * width + ends  # row r, position ends[r]; a packed row: its ends
+        at = torch.arange(n, device=ends.device) * width + ends  # row r at ends[r]; a packed row (n = 1): each sequence's end
         return F.normalize(hidden.flatten(0, 1)[at].float(), dim=-1)
 
 

@@ -23,7 +23,6 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
 
 import builtin
 import checkpoint
@@ -32,7 +31,7 @@ import data
 import eval as evaluation
 import launch
 import logs
-import loss as f2llm_loss
+import loss
 import model as f2llm_model
 import speed
 from logs import print0
@@ -70,7 +69,7 @@ def parser():
     p.add_argument("--batch-size", type=int, help="global batch in queries, over all ranks (preset)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--temperature", type=float, default=f2llm_loss.TEMPERATURE)
+    p.add_argument("--temperature", type=float, default=loss.TEMPERATURE)
     p.add_argument("--in-batch-grad", action="store_true", help="let the in-batch term train the positives too (not the released recipe)")
     p.add_argument("--seed", type=int, default=0)
     # memory and speed (speed.py; none changes the gradient)
@@ -82,7 +81,8 @@ def parser():
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32",
                    help="bf16: bf16 weights for compute over fp32 master weights and optimizer (FSDP2's mixed precision, the released "
                         "run's arithmetic; default on GPUs); fp32: fp32 weights, bf16 autocast on GPUs (default on CPU)")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer (FSDP2) for models too big for DDP")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 with --precision fp32 too (parameters, gradients and optimizer sharded over "
+                   "ranks); --precision bf16, the GPU default, always runs FSDP2")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (off by default: docs/gpu.md)")
     p.add_argument("--liger", action="store_true", help="liger-kernel's fused Qwen3 kernels (RMSNorm, RoPE, SwiGLU; GPUs, liger-kernel installed)")
     # bookkeeping
@@ -93,6 +93,8 @@ def parser():
     p.add_argument("--eval-every", type=int, default=0, help="built-in evaluation tasks every N steps (0: before and after)")
     p.add_argument("--eval-tasks", nargs="*", help="task folders evaluated during training (default: built-in)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=2, help="training states kept, the newest and those before it: --resume falls back to the "
+                   "one before when the newest is damaged")
     p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even though --out holds another run (it is deleted)")
     p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step, e.g. to fit a job's time limit")
@@ -130,7 +132,6 @@ def schedule_length(batches, args):
     return args.epochs * sum(math.ceil(len(rows) / per_gpu) for rows in batches.train)
 
 
-@record  # under torchrun, the exception of a single failing process is the job's reported root cause
 def main(argv=None):
     args = parse_args(argv)
     proc = launch.process()
@@ -140,6 +141,7 @@ def main(argv=None):
     with launch.process_group(proc.world, proc.device, args.precision == "bf16" or args.fsdp), \
             checkpoint.lock(args.out) if proc.master else nullcontext():  # --out is this run's alone
         train(setup(args, proc))
+    return launch.exit_code()  # one process (several end in process_group)
 
 
 # ---- set-up: --out, the data files, the model, the optimizer; everything the loop needs -------------------------------
@@ -158,14 +160,14 @@ def setup(args, proc):
     # speed and data parallelism (speed.py), then AdamW as the paper has it; --resume restores weights, optimizer, RNG
     model = speed.parallelize(model, args, proc.world, proc.local_rank, proc.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
-    start, counters = checkpoint.restore(args.out, model, optimizer, proc.device) if args.resume else (0, dict(bad_in_a_row=0, bad=0))
+    start, counters = checkpoint.restore(summary["resume"], model, optimizer, proc.device) if args.resume else (0, dict(bad_in_a_row=0, bad=0))
     if args.resume:
-        print0(f"resumed from {args.out}/state.pt at step {start}")
+        print0(f"resumed from {summary['resume']} at step {start}")
     total = batches.steps_per_epoch * args.epochs
     amp = (lambda: speed.autocast(proc.device)) if args.precision == "fp32" else nullcontext  # bf16: the weights are bf16 already
-    how = Step(collate_for(args, tokenizer, proc.device), speed.chunker(args, proc.device), f2llm_loss.Objective(args.temperature, args.in_batch_grad),
+    how = Step(collate_for(args, tokenizer, proc.device), speed.chunker(args, proc.device), loss.Objective(args.temperature, args.in_batch_grad),
                amp, args.clip)
-    about = dict(args=vars(args), data=identity, tokenizer=checks.tokenizer_digest(tokenizer))
+    about = dict(args=vars(args), data=identity, tokenizer=checks.tokenizer_digest(tokenizer), keep=args.keep)
     return SimpleNamespace(args=args, proc=proc, model=model, tokenizer=tokenizer, optimizer=optimizer, batches=batches, how=how, tasks=tasks,
                            start=start, counters=counters, total=total, length=schedule_length(batches, args), about=about,
                            log=logs.Log(args.out, start, total, proc.master, not args.no_tensorboard))
@@ -222,7 +224,7 @@ def train(run):
         if run.tasks:
             evaluate(run, 0)
         validate(run, 0)
-    launch.stop_on_signals()  # SIGTERM: finish the step on every rank, checkpoint, exit
+    launch.stop_on_signals()  # SIGTERM or Ctrl-C: finish the step on every rank, checkpoint, exit
     run.model.train()
     log.t0 = time.time()
     prefetch = ThreadPoolExecutor(1)  # the next step's batch (thousands of token lists) is built while this step computes
@@ -243,7 +245,7 @@ def train(run):
         if done == run.total or done % args.save_every == 0 or stopping:
             checkpoint.save(args.out, run.model, run.optimizer, run.tokenizer, dict(step=done, counters=run.counters),
                             dict(run.about, export=export_args(args)))
-            print0(f"saved {args.out}/state.pt and {args.out}/checkpoint at step {done}")
+            print0(f"saved {args.out}/state-{done:08d}.pt and {args.out}/checkpoint at step {done}")
         if stopping:
             print0(f"stopped after step {done}; --resume continues")
             break
@@ -256,7 +258,7 @@ class Step(NamedTuple):
     """How a step runs: chunks and their inputs, the loss's settings, the autocast for fp32 weights, clipping."""
     collate: Callable
     chunker: Callable
-    objective: f2llm_loss.Objective
+    objective: loss.Objective
     amp: Callable
     clip: float
 
@@ -268,16 +270,16 @@ def train_step(model, optimizer, batch, lr, how):
     for group in optimizer.param_groups:
         group["lr"] = lr
     with speed.gathered(model):  # FSDP2: each layer's weights gathered once for the step, not per chunk
-        loss, hard, ib = f2llm_loss.cached_step(model, batch, how.collate, how.chunker, how.objective, how.amp)
+        value, hard, ib = loss.cached_step(model, batch, how.collate, how.chunker, how.objective, how.amp)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), how.clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
     counts = [sum(map(len, batch["seqs"])), len(batch["seqs"]), launch.stop_requested()]
-    stats = torch.cat([torch.stack([loss, hard, ib, norm.to(loss.device)]).double(), torch.tensor(counts, dtype=torch.float64, device=loss.device)])
+    stats = torch.cat([torch.stack([value, hard, ib, norm.to(value.device)]).double(), torch.tensor(counts, dtype=torch.float64, device=value.device)])
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         dist.all_reduce(stats)
-    loss, hard, ib, norm, tokens, seqs, stop = stats.tolist()
-    numbers = dict(loss=loss / world, hard=hard / world, in_batch=ib / world, grad_norm=norm / world, tokens=tokens, seqs=seqs, stop=stop > 0)
+    value, hard, ib, norm, tokens, seqs, stop = stats.tolist()
+    numbers = dict(loss=value / world, hard=hard / world, in_batch=ib / world, grad_norm=norm / world, tokens=tokens, seqs=seqs, stop=stop > 0)
     numbers["finite"] = math.isfinite(numbers["loss"]) and math.isfinite(numbers["grad_norm"])
     if numbers["finite"]:
         optimizer.step()
@@ -297,14 +299,14 @@ def skipped(run, done, numbers):
            f"({counters['bad_in_a_row']} in a row, {counters['bad']} in all)")
     run.log.write(dict(step=done, skipped="non-finite loss or gradient norm", bad=counters["bad"]))
     if counters["bad_in_a_row"] >= run.args.max_bad_steps:
-        raise RuntimeError(f"{counters['bad_in_a_row']} steps in a row with a non-finite loss or gradient norm, up to step {done}: "
+        raise launch.UserError(f"{counters['bad_in_a_row']} steps in a row with a non-finite loss or gradient norm, up to step {done}: "
                            f"stopping; the last checkpoint in {run.args.out} is the last good state (a lower --lr may help)")
     return True
 
 
 def validate(run, step):
     """The held-out loss per source (data.Batches.validation), the same on any number of ranks."""
-    val, per_source = f2llm_loss.heldout_loss(run.model, run.batches.validation(), run.how.collate, run.how.chunker, run.how.objective, run.how.amp)
+    val, per_source = loss.heldout_loss(run.model, run.batches.validation(), run.how.collate, run.how.chunker, run.how.objective, run.how.amp)
     if val is not None:
         print0(f"val step {step} | loss {val:.4f} | " + " | ".join(f"{k} {v:.4f}" for k, v in per_source.items()))
         run.log.write(dict(step=step, val_loss=val, val=per_source))
@@ -329,4 +331,4 @@ def export_args(args):
 
 
 if __name__ == "__main__":
-    main()
+    launch.run(main)

@@ -30,6 +30,19 @@ def write_source(path, n_rows, n_negatives, seed=0):
     return path
 
 
+def two_sources(folder, retrieval_rows, clustering_rows):
+    """A retrieval source in no official list (qa) and a clustering one (banking77)."""
+    write_source(folder / "qa.jsonl", retrieval_rows, 8, seed=1)
+    write_source(folder / "banking77.jsonl", clustering_rows, 8, seed=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """12 steps of 16 queries an epoch."""
+    return two_sources(tmp_path_factory.mktemp("data"), 120, 60)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return f2llm_model.load("tiny")

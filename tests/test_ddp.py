@@ -1,9 +1,16 @@
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
-from conftest import make_batch, read_log, run_train, torchrun, torchrun_nodes, uncached_step, write_source
+from conftest import ROOT, TIMEOUT, make_batch, read_log, run_train, torchrun, torchrun_nodes, uncached_step, write_source
 from safetensors.torch import load_file
 
+import checkpoint
 import model as f2llm_model
 
 
@@ -93,3 +100,33 @@ def test_two_nodes_give_the_losses_of_one_process(tmp_path, common):
     losses = lambda out: [r["loss"] for r in read_log(out) if "loss" in r]
     assert len(losses(tmp_path / "one")) == 3
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "nodes")), torch.tensor(losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
+
+
+def test_under_torchrun_a_users_error_is_one_line_and_the_failing_ranks(tmp_path, common):
+    # Rank 0 checks the data while rank 1 waits for it: the job reports rank 0's message, in one line.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "qa.jsonl").write_text('{"query": "q", "passage": "p"}\n{not json\n')
+    done = torchrun("train.py", "--data", bad, "--out", tmp_path / "run", "--cache-dir", tmp_path / "cache", check=False)
+    output = done.stdout + done.stderr
+    root_cause = output[output.index("Root Cause"):]
+    assert done.returncode != 0 and "rank      : 0" in root_cause, output[-3000:]
+    assert "train.py: " in root_cause and "qa.jsonl: line 2: not valid JSON" in root_cause and "Traceback" not in root_cause, root_cause
+    assert "train.py: rank 1 stops because rank 0 failed: train.py: " in output
+
+
+def test_ctrl_c_under_torchrun_checkpoints_the_step_every_rank_finished(tmp_path, common):
+    # Ctrl-C reaches torchrun, which forwards one SIGINT to each worker: both finish the same step, rank 0 saves it.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *map(str, common),
+           "--epochs", "50", "--out", str(out)]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and sum('"loss"' in line for line in (out / "log.jsonl").open()) >= 2):
+        time.sleep(0.2)
+    agent.send_signal(signal.SIGINT)
+    output = agent.communicate(timeout=TIMEOUT)[0]
+    last = [r["step"] for r in read_log(out) if "loss" in r][-1]
+    assert f"stopped after step {last}" in output and output.count("Ctrl-C: finishing this step") == 2, output[-3000:]
+    assert checkpoint.load_state(out)["step"] == last and "SIGKILL" not in output

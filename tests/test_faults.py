@@ -16,14 +16,6 @@ import model as f2llm_model
 import train
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    write_source(folder / "qa.jsonl", 120, 8, seed=1)
-    write_source(folder / "banking77.jsonl", 60, 8, seed=2)
-    return folder
-
-
 def args_for(data_dir, tmp_path, *extra, curves=False):
     return ["--data", str(data_dir), "--batch-size", "16", "--chunk-size", "48", "--max-len", "32", "--epochs", "1", "--eval-tasks",
             "--val-every", "0", "--cache-dir", str(tmp_path / "cache"), *([] if curves else ["--no-tensorboard"]), *map(str, extra)]
@@ -48,7 +40,7 @@ def save_once(out, model, tokenizer, step):
 def operations(monkeypatch, kill_at=None):
     """Count (and at kill_at, interrupt) the file operations a save is made of; a kill inside a deletion leaves it half done."""
     calls = []
-    for owner, name in ((torch, "save"), (os, "replace"), (os, "fsync"), (shutil, "rmtree"), (checkpoint, "save_tokenizer"),
+    for owner, name in ((torch, "save"), (os, "replace"), (os, "fsync"), (os, "remove"), (shutil, "rmtree"), (checkpoint, "save_tokenizer"),
                         (checkpoint, "write_sentence_transformers_files")):
         real = getattr(owner, name)
 
@@ -85,7 +77,8 @@ def test_a_kill_at_any_phase_of_a_save_leaves_a_resumable_state_and_saving_worki
         assert f2llm_model.load(os.path.join(out, "checkpoint"))[0] is not None  # a model folder to use
         step += 2
         save_once(out, model, tokenizer, step)  # and saving goes on working
-        assert checkpoint.load_state(out)["step"] == step and sorted(os.listdir(out)) == ["checkpoint", "state.json", "state.pt"]
+        kept = [s["file"] for s in checkpoint.states(out)]
+        assert checkpoint.load_state(out)["step"] == step and sorted(os.listdir(out)) == sorted(["checkpoint", "state.json", *kept]) and len(kept) == 2
     assert {"save", "replace", "rmtree", "fsync", "save_tokenizer"} <= set(phases), phases
 
 
@@ -112,17 +105,17 @@ def test_a_non_finite_step_changes_nothing_and_is_logged(data_dir, tmp_path, mon
         train.main(args_for(data_dir, tmp_path, "--out", out, "--stop-at", 4))
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log if "skipped" in r] == [3, 4] and steps_logged(out) == [1, 2]
-    state = torch.load(out / "state.pt", weights_only=False)
+    state = checkpoint.load_state(out)
     assert state["counters"] == dict(bad_in_a_row=2, bad=2)
     train.main(args_for(data_dir, tmp_path, "--out", tmp_path / "two", "--stop-at", 2))
-    two = torch.load(tmp_path / "two" / "state.pt", weights_only=False)
+    two = checkpoint.load_state(tmp_path / "two")
     assert all(torch.equal(state["model"][k], two["model"][k]) for k in two["model"])  # skipped steps changed nothing
     # The count of bad steps in a row survives a resume: 2 before, 3 more, and the default limit of 5 stops the run.
     with monkeypatch.context() as m:
         nan_steps(m, {1, 2, 3})
         with pytest.raises(RuntimeError, match="5 steps in a row with a non-finite loss or gradient norm, up to step 7"):
             train.main(args_for(data_dir, tmp_path, "--out", out, "--resume"))
-    assert torch.load(out / "state.pt", weights_only=False)["step"] == 4  # the last good state stays
+    assert checkpoint.load_state(out)["step"] == 4  # the last good state stays
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, tiny):
@@ -131,7 +124,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny):
     bad["norm.weight"][0] = float("inf")
     with pytest.raises(checkpoint.CheckpointError, match="non-finite weights"):
         checkpoint.save_state(str(tmp_path), dict(model=bad, step=7), dict(step=7))
-    assert not os.path.exists(tmp_path / "state.pt")
+    assert not list(tmp_path.glob("state*"))
 
 
 # ---- one run per --out -------------------------------------------------------------------------------------
@@ -143,7 +136,7 @@ def no_model_loading(monkeypatch):
 def test_a_fresh_run_never_overwrites_and_two_runs_never_share_an_out(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train.main(args_for(data_dir, tmp_path, "--out", out, "--stop-at", 2))
-    before = (out / "state.pt").read_bytes()
+    before = {p.name: p.read_bytes() for p in out.glob("state-*.pt")}
     with monkeypatch.context() as m:
         no_model_loading(m)
         with pytest.raises(SystemExit, match="holds another run \\(step 2\\); --resume continues it, --overwrite deletes it"):
@@ -152,9 +145,9 @@ def test_a_fresh_run_never_overwrites_and_two_runs_never_share_an_out(data_dir, 
         with pytest.raises(checkpoint.CheckpointError, match=f"{out} is in use by another run \\(pid {os.getpid()}\\)"):
             train.main(args_for(data_dir, tmp_path, "--out", out, "--resume"))
         held.close()
-    assert (out / "state.pt").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in out.glob("state-*.pt")} == before
     train.main(args_for(data_dir, tmp_path, "--out", out, "--stop-at", 1, "--overwrite"))
-    assert steps_logged(out) == [1] and torch.load(out / "state.pt", weights_only=False)["step"] == 1
+    assert steps_logged(out) == [1] and checkpoint.load_state(out)["step"] == 1
 
 
 # ---- silently wrong: the cache, the data, the flags -------------------------------------------------------

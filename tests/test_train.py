@@ -13,21 +13,19 @@ from conftest import (
     TIMEOUT,
     read_log,
     run_train,
+    two_sources,
     write_retrieval_task,
-    write_source,
 )
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import train
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    write_source(folder / "qa.jsonl", 400, 8, seed=1)
-    write_source(folder / "banking77.jsonl", 200, 8, seed=2)
-    return folder
+    return two_sources(tmp_path_factory.mktemp("data"), 400, 200)
 
 
 def common(data_dir, tmp_path):
@@ -143,4 +141,4 @@ def test_sigterm_checkpoints_the_finished_step(data_dir, tmp_path):
     assert proc.returncode == 0, output[-2000:]
     last = [json.loads(line)["step"] for line in log.open() if '"loss"' in line][-1]
     assert 2 <= last < 1800 and f"stopped after step {last}" in output
-    assert torch.load(out / "state.pt", weights_only=False)["step"] == last
+    assert checkpoint.load_state(out)["step"] == last
