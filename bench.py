@@ -5,7 +5,7 @@
     python bench.py --data-rows 1000000   # check + tokenize a synthetic 1M-row source: time and peak memory
     python bench.py --ops 0.6b            # the aten operations one gradient-cache chunk dispatches (host work per chunk)
 
-Rows: gradient-cache overhead, memory flat in batch size, padding of length-grouped chunks, throughput
+Rows: gradient-cache overhead, the cost of --matryoshka, memory flat in batch size, padding of length-grouped chunks, throughput
 against sentence-transformers' CachedMultipleNegativesRankingLoss, and retrieval scoring against pytrec_eval.
 """
 import argparse
@@ -43,6 +43,17 @@ def timed(fn, repeats=3):
     return statistics.median(times)
 
 
+def alternated(fns, repeats=5):
+    """The fastest of `repeats` runs of each, taken in turns, so that a machine slowing down weighs on both alike."""
+    times = [[] for _ in fns]
+    for _ in range(repeats + 1):  # the first round warms up
+        for fn, seen in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            seen.append(time.perf_counter() - t)
+    return [min(seen[1:]) for seen in times]
+
+
 def builtin_batches(tokenizer, queries=QUERIES, max_len=MAX_LEN):
     tokenize, folder = functools.partial(f2llm_model.tokenize, tokenizer, max_len=max_len), builtin.training_data(os.path.join(builtin.CACHE, "stdlib-train"))
     sources = [data.load_source(f, data.task_type(data.source_name(f)), tokenize, os.path.join(builtin.CACHE, "tokenized"), progress=False)
@@ -70,6 +81,19 @@ def row_cache_overhead(model, tokenizer, batch):
     n = -(-len(batch["seqs"]) // CHUNK)  # chunks; the cache adds a forward to each but the last: (4n - 1) / 3n of a plain step
     return (f"gradient cache: step {cached:.2f} s vs plain {plain:.2f} s ({len(batch['seqs'])} sequences)", cached / plain,
             f"<= 1.4 (floor ~{(4 * n - 1) / (3 * n):.2f})")
+
+
+def row_matryoshka(model, tokenizer, batch):
+    """What --matryoshka costs: the cached step with F2LLM-v2's loss at the tiny model's five dimensions against the plain one."""
+    collate = lambda s: f2llm_model.pad(s, tokenizer.pad_token_id)
+    objective = f2llm_loss.Objective(dims=f2llm_loss.matryoshka_dims(model.backbone.config.hidden_size))
+    steps = [lambda o=o: (f2llm_loss.cached_step(model, batch, collate, CHUNKS, o), model.zero_grad()) for o in (f2llm_loss.Objective(), objective)]
+    plain, matryoshka = alternated(steps)
+    emb = torch.nn.functional.normalize(torch.randn(len(batch["seqs"]), objective.dims[0]), dim=-1).requires_grad_()
+    parts = f2llm_loss.split_embeddings(emb, batch["n_queries"], batch["n_negatives"])
+    alone = alternated([lambda o=o: f2llm_loss.f2llm_loss(*parts, True, o)[0].backward() for o in (f2llm_loss.Objective(), objective)], 20)
+    return (f"--matryoshka ({len(objective.dims)} dimensions): cached step {matryoshka:.2f} s vs {plain:.2f} s ({len(batch['seqs'])} sequences); "
+            f"the loss alone, forward and backward, {alone[1] * 1e3:.1f} ms vs {alone[0] * 1e3:.1f} ms", matryoshka / plain, "report")
 
 
 def _rss_mib():
@@ -285,7 +309,8 @@ def main():
                              checks_first=not args.no_checks, profile_step_too=not args.no_profile, budget_s=args.budget_s)
     model, tokenizer = f2llm_model.load("tiny")
     batches = builtin_batches(tokenizer)
-    rows = [row_cache_overhead(model, tokenizer, retrieval_batch(batches)), row_memory(), row_padding(batches),
+    rows = [row_cache_overhead(model, tokenizer, retrieval_batch(batches)), row_matryoshka(model, tokenizer, retrieval_batch(batches)),
+            row_memory(), row_padding(batches),
             row_sentence_transformers(model, tokenizer, batches), row_eval()]
     print(f"\n{'ratio':>7}  {'target':<18} figure")
     for text, ratio, target in rows:

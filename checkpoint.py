@@ -165,7 +165,7 @@ def save(out, model, optimizer, tokenizer, progress, about):
                              cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), dict(step=progress["step"], **summary),
                    about["keep"])
         encoder = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        card = model_card(export["base"], export["max_len"], export["instruction"], progress["step"], export["data"])
+        card = model_card(export["base"], export["max_len"], export["instruction"], progress["step"], export["data"], export["dims"])
         folder, backbone = os.path.join(out, "checkpoint"), {k.removeprefix("backbone."): v for k, v in weights.items()}
         with written_or_named(folder, folder + ".tmp", "writing the model folder", tensor_bytes(backbone), [dict(step=progress["step"])]):
             export_model(out, encoder.backbone, backbone, tokenizer, export["max_len"], export["instruction"], card)
@@ -302,11 +302,16 @@ def write_sentence_transformers_files(folder, hidden, max_len, instruction):
                                                          default_prompt_name=None, similarity_fn_name="cosine"))
 
 
-def model_card(base, max_len, instruction, step, data):
+def model_card(base, max_len, instruction, step, data, dims=()):
+    matryoshka = f"""
+Trained with F2LLM-v2's Matryoshka loss at dimensions {", ".join(map(str, dims))}: the first D coordinates of an embedding,
+normalised again, are an embedding of D dimensions, as `eval.py --dims` scores them:
+`SentenceTransformer("path/to/this/folder", truncate_dim={dims[-1]}).encode(texts, normalize_embeddings=True)`.
+""" if dims else ""
     return f"""---
 library_name: sentence-transformers
 pipeline_tag: sentence-similarity
-tags: [sentence-transformers, feature-extraction, f2llm]
+tags: [sentence-transformers, feature-extraction, f2llm{", matryoshka" if dims else ""}]
 base_model: {base}
 ---
 # F2LLM embedding model
@@ -322,4 +327,4 @@ queries = model.encode(["how do I sort a list"], prompt_name="query")   # Instru
 documents = model.encode(["sorted(xs) returns a new sorted list"])      # documents: no prompt
 ```
 For another task, pass `prompt="Instruct: <task instruction>\\nQuery: "` with the queries.
-"""
+{matryoshka}"""

@@ -141,7 +141,7 @@ def changes(saved, current):
 
 # what must match the checkpoint for --resume to continue the same run
 RESUME_KEYS = ("size", "model", "random_init", "data", "task_type", "max_len", "lr", "min_lr", "warmup", "schedule_world", "epochs",
-               "batch_size", "weight_decay", "clip", "temperature", "in_batch_grad", "precision", "seed")
+               "batch_size", "weight_decay", "clip", "temperature", "in_batch_grad", "matryoshka", "matryoshka_dims", "precision", "seed")
 
 
 def check_args(p, args, task_types):
@@ -164,6 +164,8 @@ def check_args(p, args, task_types):
         p.error(f"--batch-size {args.batch_size} is not divisible by --schedule-world {args.schedule_world}")
     if args.padded and args.chunk_tokens is None:
         p.error("--padded says how --chunk-tokens fills a chunk; give --chunk-tokens too")
+    if args.matryoshka_dims and (not args.matryoshka or min(args.matryoshka_dims) < 1):
+        p.error("--matryoshka-dims takes dimensions of at least 1, and goes with --matryoshka")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out; --overwrite deletes it: pick one")
     args.data = os.path.normpath(args.data) if args.data and os.path.exists(args.data) else args.data  # dir/ == dir

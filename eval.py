@@ -203,28 +203,38 @@ def max_len_for(settings):
     return settings["max_len"] if settings and settings.get("size") == "tiny" else MAX_LEN
 
 
-def evaluate(model, tokenizer, task_dirs, out=None, max_len=MAX_LEN, batch_size=32):
-    """Score every task; write one MTEB-style JSON per task into `out` if given. Returns the result dicts."""
+def evaluate(model, tokenizer, task_dirs, out=None, max_len=MAX_LEN, batch_size=32, dims=None):
+    """Score every task, at each of `dims` if given (`at_dim`; each text embedded once); write one MTEB-style JSON per
+    task (and dimension: `<task>@<D>`) into `out` if given. Returns the result dicts."""
     results = []
     for folder in task_dirs:
-        task, start = load_task(folder), time.time()
+        task, embedded = load_task(folder), {}
         prompt = f2llm_model.query_prompt(task["instruction"]) if task.get("instruction") else None
 
         def embed(texts, is_query):
-            vectors = f2llm_model.encode(model, tokenizer, texts, prompt if is_query else None, max_len=max_len, batch_size=batch_size)
-            if not torch.isfinite(vectors).all():
-                raise TaskError(f"{task['name']}: the model gives non-finite embeddings; its weights are broken")
-            return vectors
-        scores = score_task(task, embed)
-        main = task.get("main_score", MAIN_SCORE[task["type"]])
-        result = dict(task=task["name"], type=task["type"], main_score_name=main, main_score=scores[main], scores=scores,
-                      evaluation_time=round(time.time() - start, 2))
-        if out:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, f"{task['name']}.json"), "w") as f:
-                json.dump(result, f, indent=2)
-        results.append(result)
+            key = (tuple(texts), is_query)
+            if key not in embedded:
+                embedded[key] = f2llm_model.encode(model, tokenizer, texts, prompt if is_query else None, max_len=max_len, batch_size=batch_size)
+                if not torch.isfinite(embedded[key]).all():
+                    raise TaskError(f"{task['name']}: the model gives non-finite embeddings; its weights are broken")
+            return embedded[key]
+        for dim in dims or [None]:
+            start, main = time.time(), task.get("main_score", MAIN_SCORE[task["type"]])
+            scores = score_task(task, at_dim(embed, dim))
+            result = dict(task=task["name"] + (f"@{dim}" if dim else ""), type=task["type"], dim=dim, main_score_name=main,
+                          main_score=scores[main], scores=scores, evaluation_time=round(time.time() - start, 2))
+            if out:
+                os.makedirs(out, exist_ok=True)
+                with open(os.path.join(out, f"{result['task']}.json"), "w") as f:
+                    json.dump(result, f, indent=2)
+            results.append(result)
     return results
+
+
+def at_dim(embed, dim):
+    """The embeddings at dimension `dim`: their first `dim` coordinates, L2-normalised again (what a Matryoshka model is
+    trained for; sentence-transformers' truncate_dim with normalize_embeddings=True). None: the whole embeddings."""
+    return embed if dim is None else lambda texts, is_query: torch.nn.functional.normalize(embed(texts, is_query)[:, :dim], dim=-1)
 
 
 def check_model_path(path):
@@ -247,7 +257,11 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("out", "eval"), help="one JSON result file per task")
     p.add_argument("--max-len", type=int, help=f"tokens per text (default: the checkpoint's max_seq_length; {MAX_LEN}, as F2LLM's MTEB runs)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dims", type=int, nargs="+", metavar="D", help="score each task on the first D coordinates of the embeddings, "
+                   "normalised again, for each D (a Matryoshka model's dimensions); default: the whole embeddings")
     args = p.parse_args(argv)
+    if args.dims and min(args.dims) < 1:
+        p.error("--dims takes dimensions of at least 1")
     check_model_path(args.model)
     st_config = os.path.join(args.model, "sentence_bert_config.json")  # our checkpoints say how long a text they embed
     if args.max_len is None:
@@ -257,7 +271,9 @@ def main(argv=None):
     if broken := [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]:
         raise SystemExit(f"{args.model}: non-finite weights in {len(broken)} tensors ({broken[0]}, ...): this model cannot be scored")
     tasks = args.tasks or builtin.tasks(os.path.join(builtin.CACHE, "stdlib-eval"))
-    results = evaluate(model, tokenizer, tasks, out=args.out, max_len=args.max_len, batch_size=args.batch_size)
+    if args.dims and max(args.dims) > model.backbone.config.hidden_size:
+        raise SystemExit(f"--dims {max(args.dims)}: the model's embeddings have {model.backbone.config.hidden_size} dimensions")
+    results = evaluate(model, tokenizer, tasks, out=args.out, max_len=args.max_len, batch_size=args.batch_size, dims=args.dims)
     width = max(len(r["task"]) for r in results)
     print(f"{'task':<{width}}  {'metric':<16} score")
     for r in results:

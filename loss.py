@@ -22,6 +22,7 @@ another order. Memory of one chunk; one extra forward per chunk but the last, wh
 is backpropagated right after step 2. (Qwen3 has no dropout, so the recorded RNG states only matter for a --model
 that has.)
 """
+import math
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -35,9 +36,11 @@ TEMPERATURE = 0.05  # never changed in the official code
 
 
 class Objective(NamedTuple):
-    """The loss's settings: temperature, whether the in-batch term trains the positives too (not the released recipe)."""
+    """The loss's settings: temperature; whether the in-batch term trains the positives too (not the released recipe);
+    Matryoshka dimensions (F2LLM-v2; none in the v1 recipe), the full size first: see `matryoshka`."""
     temperature: float = TEMPERATURE
     in_batch_grad: bool = False
+    dims: tuple = ()
 
 
 def f2llm_loss(queries, positives, negatives, in_batch, objective=Objective(), gather_ranks=True):
@@ -45,18 +48,36 @@ def f2llm_loss(queries, positives, negatives, in_batch, objective=Objective(), g
     The in-batch candidates are the positives of every rank (gather_ranks=False when the caller holds the whole
     batch), so every rank must hold B queries of the same source (data.Batches does); they carry the in-batch term's
     gradient only with objective.in_batch_grad."""
-    candidates = torch.cat([positives[:, None], negatives], 1)  # [B, 1 + n, H]
-    scores = torch.einsum("bh,bch->bc", queries, candidates) / objective.temperature
-    hard = F.cross_entropy(scores, torch.zeros(len(queries), dtype=torch.long, device=queries.device))  # label: the positive
+    if in_batch:
+        all_positives, offset = gather(positives, objective.in_batch_grad) if gather_ranks else \
+            ((positives if objective.in_batch_grad else positives.detach()), 0)
+    hard = ib = 0
+    for dim, weight in matryoshka(queries.shape[-1], objective.dims):
+        q, p, n = (first(x, dim) for x in (queries, positives, negatives))
+        scores = torch.einsum("bh,bch->bc", q, torch.cat([p[:, None], n], 1)) / objective.temperature  # [B, 1 + n]
+        hard = hard + weight * F.cross_entropy(scores, torch.zeros(len(q), dtype=torch.long, device=q.device))  # label: the positive
+        if in_batch:
+            scores = q @ first(all_positives, dim).T / objective.temperature
+            ib = ib + weight * F.cross_entropy(scores, offset + torch.arange(len(q), device=q.device))  # label: its own positive
     if not in_batch:
         return hard, hard.detach(), torch.zeros_like(hard)
-    if gather_ranks:
-        all_positives, offset = gather(positives, objective.in_batch_grad)
-    else:
-        all_positives, offset = (positives if objective.in_batch_grad else positives.detach()), 0
-    scores = queries @ all_positives.T / objective.temperature
-    ib = F.cross_entropy(scores, offset + torch.arange(len(queries), device=queries.device))  # label: its own positive
     return hard + ib, hard.detach(), ib.detach()
+
+
+def matryoshka(hidden, dims=()):
+    """(dimension, weight) of each term: the whole embedding, weight 1. With Matryoshka dimensions (F2LLM-v2's utils.py),
+    each term is taken on the first `dimension` coordinates, normalised again, and the r-th from the largest down is
+    weighted 1 / (r sqrt(hidden / dimension)); the terms are summed, not averaged (v2's division is commented out)."""
+    return [(d, 1 / (r * math.sqrt(hidden / d))) for r, d in enumerate(dims or (hidden,), 1)]
+
+
+def matryoshka_dims(hidden, chosen=None):
+    """F2LLM-v2's dimensions: the hidden size, then every 2^k (3 <= k <= 14) below it, or the `chosen` ones below it."""
+    return (hidden, *sorted({d for d in chosen or [2 ** k for k in range(3, 15)] if d < hidden}, reverse=True))
+
+
+def first(x, dim):
+    return x if dim == x.shape[-1] else F.normalize(x[..., :dim], dim=-1)
 
 
 def gather(x, grad=False):

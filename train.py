@@ -71,6 +71,10 @@ def parser():
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--temperature", type=float, default=loss.TEMPERATURE)
     p.add_argument("--in-batch-grad", action="store_true", help="let the in-batch term train the positives too (not the released recipe)")
+    p.add_argument("--matryoshka", action="store_true", help="F2LLM-v2's Matryoshka loss (not the v1 recipe): every term also on the first D "
+                   "coordinates for D = each 2^k below the hidden size, weighted; validation stays at the full size")
+    p.add_argument("--matryoshka-dims", type=int, nargs="+", metavar="D", help="with --matryoshka: these dimensions (below the hidden size) "
+                   "instead of the powers of two")
     p.add_argument("--seed", type=int, default=0)
     # memory and speed (speed.py; none changes the gradient)
     p.add_argument("--chunk-size", type=int, help="sequences per gradient-cache chunk (preset): sets memory, not the result")
@@ -152,8 +156,10 @@ def setup(args, proc):
     # model: the size's Qwen3 (or --model); a resumed run's weights come from the training state below
     model, tokenizer = f2llm_model.load(args.model or args.size, random_init=args.random_init, device=proc.device, seed=args.seed,
                                         packed=speed.packs(args))
+    dims = loss.matryoshka_dims(model.backbone.config.hidden_size, args.matryoshka_dims) if args.matryoshka else ()
     print0(f"model {args.model or args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-           f"{model.backbone.config._attn_implementation} attention, {proc.world} rank(s) on {proc.device.type}")
+           f"{model.backbone.config._attn_implementation} attention, {proc.world} rank(s) on {proc.device.type}"
+           + (f", Matryoshka dimensions {', '.join(map(str, dims))}" if dims else ""))
     if summary and summary["tokenizer"] != checks.tokenizer_digest(tokenizer):
         raise SystemExit(f"--resume: the tokenizer of {args.model or args.size} differs from the one the checkpoint was trained with")
     batches = load_batches(args, proc, files, identity, tokenizer)
@@ -165,9 +171,9 @@ def setup(args, proc):
         print0(f"resumed from {summary['resume']} at step {start}")
     total = batches.steps_per_epoch * args.epochs
     amp = (lambda: speed.autocast(proc.device)) if args.precision == "fp32" else nullcontext  # bf16: the weights are bf16 already
-    how = Step(collate_for(args, tokenizer, proc.device), speed.chunker(args, proc.device), loss.Objective(args.temperature, args.in_batch_grad),
+    how = Step(collate_for(args, tokenizer, proc.device), speed.chunker(args, proc.device), loss.Objective(args.temperature, args.in_batch_grad, dims),
                amp, args.clip)
-    about = dict(args=vars(args), data=identity, tokenizer=checks.tokenizer_digest(tokenizer), keep=args.keep)
+    about = dict(args=vars(args), data=identity, tokenizer=checks.tokenizer_digest(tokenizer), keep=args.keep, export=export_args(args, dims))
     return SimpleNamespace(args=args, proc=proc, model=model, tokenizer=tokenizer, optimizer=optimizer, batches=batches, how=how, tasks=tasks,
                            start=start, counters=counters, total=total, length=schedule_length(batches, args), about=about,
                            log=logs.Log(args.out, start, total, proc.master, not args.no_tensorboard))
@@ -243,8 +249,7 @@ def train(run):
             evaluate(run, done)
         stopping = done == args.stop_at or numbers["stop"]
         if done == run.total or done % args.save_every == 0 or stopping:
-            checkpoint.save(args.out, run.model, run.optimizer, run.tokenizer, dict(step=done, counters=run.counters),
-                            dict(run.about, export=export_args(args)))
+            checkpoint.save(args.out, run.model, run.optimizer, run.tokenizer, dict(step=done, counters=run.counters), run.about)
             print0(f"saved {args.out}/state-{done:08d}.pt and {args.out}/checkpoint at step {done}")
         if stopping:
             print0(f"stopped after step {done}; --resume continues")
@@ -305,8 +310,9 @@ def skipped(run, done, numbers):
 
 
 def validate(run, step):
-    """The held-out loss per source (data.Batches.validation), the same on any number of ranks."""
-    val, per_source = loss.heldout_loss(run.model, run.batches.validation(), run.how.collate, run.how.chunker, run.how.objective, run.how.amp)
+    """The held-out loss per source (data.Batches.validation), the same on any number of ranks; at the full size, as v2."""
+    val, per_source = loss.heldout_loss(run.model, run.batches.validation(), run.how.collate, run.how.chunker, run.how.objective._replace(dims=()),
+                                        run.how.amp)
     if val is not None:
         print0(f"val step {step} | loss {val:.4f} | " + " | ".join(f"{k} {v:.4f}" for k, v in per_source.items()))
         run.log.write(dict(step=step, val_loss=val, val=per_source))
@@ -318,16 +324,17 @@ def evaluate(run, step):
     model = run.model.module if isinstance(run.model, torch.nn.parallel.DistributedDataParallel) else run.model
     with torch.compiler.set_stance("force_eager") if run.args.compile else nullcontext():
         results = evaluation.evaluate(model, run.tokenizer, run.tasks, max_len=evaluation.max_len_for(vars(run.args)),
-                                      out=os.path.join(run.args.out, "eval", f"step{step}") if run.proc.master else None)
+                                      out=os.path.join(run.args.out, "eval", f"step{step}") if run.proc.master else None,
+                                      dims=run.how.objective.dims or None)  # with --matryoshka, at each trained dimension
     print0(f"eval step {step} | " + " | ".join(f"{r['task']} {r['main_score_name']} {r['main_score']:.4f}" for r in results))
     run.log.write(dict(step=step, eval={r["task"]: r["main_score"] for r in results}))
 
 
-def export_args(args):
-    """What the model folder says of itself: base model, embedding length, query instruction, a model card."""
+def export_args(args, dims):
+    """What the model folder says of itself: base model, embedding length, query instruction, Matryoshka dimensions."""
     base = args.model or (f"random-init Qwen3 ({args.size})" if args.random_init or args.size == "tiny" else f2llm_model.HUB_IDS[args.size])
     instruction = builtin.RETRIEVAL_INSTRUCTION if not args.data else checkpoint.DEFAULT_INSTRUCTION
-    return dict(base=base, max_len=evaluation.max_len_for(vars(args)), instruction=instruction, data=args.data or "the built-in data")
+    return dict(base=base, max_len=evaluation.max_len_for(vars(args)), instruction=instruction, data=args.data or "the built-in data", dims=dims)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,14 @@ def by_tokens(chunk_tokens, padded=False):
     return lambda seqs: speed.chunk_by_tokens(seqs, chunk_tokens, padded=padded)
 
 
+def objective_of(kind):
+    """The loss of a test case: retrieval (the released in-batch term), retrieval-grad (--in-batch-grad), clustering (no
+    in-batch term), matryoshka and matryoshka-grad (retrieval and retrieval-grad with --matryoshka, the tiny model's
+    dimensions 128 down to 8)."""
+    dims = f2llm_loss.matryoshka_dims(128) if kind.startswith("matryoshka") else ()
+    return kind != "clustering", f2llm_loss.Objective(in_batch_grad=kind.endswith("-grad"), dims=dims)
+
+
 def shard(batch, rank, world):
     """This rank's queries and their groups of the global batch."""
     B, group = batch["n_queries"] // world, 1 + batch["n_negatives"]
@@ -127,11 +135,11 @@ def shard(batch, rank, world):
     return dict(batch, seqs=queries + docs, n_queries=B)
 
 
-def uncached_step(model, batch, collate, in_batch_grad=False):
+def uncached_step(model, batch, collate, in_batch_grad=False, dims=()):
     """The plain reference: every sequence through autograd at once."""
     emb = model(*collate(batch["seqs"]))
     loss = f2llm_loss.f2llm_loss(*f2llm_loss.split_embeddings(emb, batch["n_queries"], batch["n_negatives"]), batch["in_batch"],
-                                 f2llm_loss.Objective(in_batch_grad=in_batch_grad))[0]
+                                 f2llm_loss.Objective(in_batch_grad=in_batch_grad, dims=dims))[0]
     loss.backward()
     return loss.detach()
 

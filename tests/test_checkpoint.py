@@ -66,3 +66,15 @@ def test_mteb_with_f2llms_registered_settings_scores_as_eval_py(exported, tmp_pa
     print(f"\nmteb route vs eval.py on StdlibCodeRetrieval: nDCG@10 {theirs['ndcg_at_10']} vs {ours['ndcg_at_10']}, largest difference {largest:.1e}")
     assert largest <= 1e-5, {k: (ours[k], theirs[k]) for k in shared if abs(ours[k] - theirs[k]) > 1e-5}
     assert np.isfinite(ours["ndcg_at_10"]) and ours["ndcg_at_10"] > 0
+
+
+def test_sentence_transformers_truncate_dim_embeds_as_eval_py_at_that_dimension(exported):
+    # A Matryoshka model's smaller embeddings: the first D coordinates, normalised again (eval.py --dims D).
+    from sentence_transformers import SentenceTransformer
+    model, tokenizer = f2llm_model.load(str(exported))
+    embed = lambda texts, is_query: f2llm_model.encode(model, tokenizer, texts, max_len=32)
+    for dim in (64, 8):
+        st = SentenceTransformer(str(exported), device="cpu", truncate_dim=dim)
+        theirs = st.encode(TEXTS, normalize_embeddings=True, convert_to_tensor=True)
+        assert theirs.shape == (len(TEXTS), dim)
+        torch.testing.assert_close(theirs, ev.at_dim(embed, dim)(TEXTS, False), atol=1e-6, rtol=0)

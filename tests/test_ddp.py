@@ -7,24 +7,26 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TIMEOUT, make_batch, read_log, run_train, torchrun, torchrun_nodes, uncached_step, write_source
+from conftest import ROOT, TIMEOUT, make_batch, objective_of, read_log, run_train, torchrun, torchrun_nodes, uncached_step, write_source
 from safetensors.torch import load_file
 
 import checkpoint
 import model as f2llm_model
 
 
-@pytest.mark.parametrize("kind", ["retrieval", "retrieval-grad", "clustering"])
+@pytest.mark.parametrize("kind", ["retrieval", "retrieval-grad", "clustering", "matryoshka", "matryoshka-grad"])
 def test_two_ranks_give_the_gradient_of_one_process(tiny, tmp_path, kind):
     # The test that catches a 1/W or W factor, a gather that drops the gradient of the other ranks' positives
-    # (retrieval-grad) and one that lets gradient through where the released recipe has none (retrieval).
+    # (retrieval-grad) and one that lets gradient through where the released recipe has none (retrieval); with the
+    # Matryoshka loss too, where every dimension's terms take the gathered positives.
     torchrun("tests/ddp_worker.py", tmp_path, kind)
     ddp = torch.load(tmp_path / "ddp.pt")
     assert sorted(ddp["reduced"]) == list(range(len(ddp["reduced"]))), ddp["reduced"]  # every bucket all-reduced once in the step
     model, tokenizer = tiny
     model.zero_grad()
-    ref_loss = uncached_step(model, make_batch(tokenizer, 6, 3, kind != "clustering"), lambda s: f2llm_model.pad(s, tokenizer.pad_token_id),
-                             in_batch_grad=kind == "retrieval-grad")
+    in_batch, objective = objective_of(kind)
+    ref_loss = uncached_step(model, make_batch(tokenizer, 6, 3, in_batch), lambda s: f2llm_model.pad(s, tokenizer.pad_token_id),
+                             in_batch_grad=objective.in_batch_grad, dims=objective.dims)
     scale = max(p.grad.abs().max().item() for p in model.parameters())
     for n, p in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][n], p.grad, atol=1e-5 * scale, rtol=1e-4, msg=n)

@@ -167,6 +167,15 @@ def test_cli_end_to_end(tmp_path, tiny):
     queries = emb(["add two numbers", "read a file"], ev.f2llm_model.query_prompt("Find the matching function"))
     found = metrics.search(queries, docs, ["d0", "d1", "d2"])
     assert result["scores"] == metrics.retrieval_metrics({"q0": {"d0": 1}, "q1": {"d1": 2}}, {"q0": found[0], "q1": found[1]})
+    # --dims: each dimension's scores from the first D coordinates, normalised again; the whole size is the plain run
+    done = subprocess.run([sys.executable, "eval.py", "--model", tmp_path / "ckpt", "--tasks", task, "--out", tmp_path / "dims", "--dims", "128", "16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "TinyRetrieval@16" in done.stdout, done.stderr[-3000:]
+    assert json.loads((tmp_path / "dims" / "TinyRetrieval@128.json").read_text())["scores"] == result["scores"]
+    at = lambda x: torch.nn.functional.normalize(x[:, :16], dim=-1)
+    found = metrics.search(at(queries), at(docs), ["d0", "d1", "d2"])
+    assert json.loads((tmp_path / "dims" / "TinyRetrieval@16.json").read_text())["scores"] == \
+        metrics.retrieval_metrics({"q0": {"d0": 1}, "q1": {"d1": 2}}, {"q0": found[0], "q1": found[1]})
 
 
 def test_builtin_tasks_are_never_trained_on(tmp_path):

@@ -223,3 +223,102 @@ def test_fsdp_weights_gathered_once_per_step_give_the_same_steps(tmp_path):
     assert len(once["kept"]) == len(default["kept"]) == 3 * (2 * 4 - 1)  # 3 steps x 2 forwards x 4 chunks, the last embedded once
     assert all(once["kept"]) and not any(default["kept"])
     assert once["sharded_after"] and default["sharded_after"]
+
+
+# ---- Matryoshka (F2LLM-v2, train.py --matryoshka) -----------------------------------------------------------------
+
+class Accelerator:
+    """What v2's loss functions ask of accelerate on one process: gather (a copy without gradient) and the rank."""
+    process_index = 0
+
+    @staticmethod
+    def gather(x):
+        return x.detach().clone()
+
+
+def v2_inbatch_loss(query_embeddings, context_embeddings, criterion, accelerator, temperature=0.05, use_mrl=False, mrl_dims=None):
+    """F2LLM-v2's utils.inbatch_loss, transcribed."""
+    def _calculate_loss(q_emb, c_emb, labels):
+        a_norm = torch.nn.functional.normalize(q_emb, p=2, dim=-1)
+        b_norm_cross_gpus = torch.nn.functional.normalize(c_emb, p=2, dim=-1)
+        student_logits = torch.matmul(a_norm, b_norm_cross_gpus.t()) / temperature
+        return criterion(student_logits, labels).mean()
+    bs = query_embeddings.size(0)
+    b_cross_gpus = accelerator.gather(context_embeddings)
+    labels = torch.arange(bs, device=b_cross_gpus.device) + bs * accelerator.process_index
+    total_loss = 0.0
+    dims = (mrl_dims + [query_embeddings.shape[-1]]) if use_mrl else [query_embeddings.shape[-1]]
+    d = query_embeddings.shape[-1]
+    n = 1
+    for dim in sorted(dims)[::-1]:
+        if dim > query_embeddings.shape[-1]:
+            continue
+        total_loss += _calculate_loss(query_embeddings[..., :dim], b_cross_gpus[..., :dim], labels) / (n * math.sqrt(d / dim))
+        n += 1
+    return total_loss
+
+
+def v2_hard_loss(query_embeddings, context_embeddings, hard_neg_embeddings, criterion, accelerator, temperature=0.05, use_mrl=False,
+                 mrl_dims=None):
+    """F2LLM-v2's utils.hard_loss, transcribed."""
+    def _calculate_loss(q_emb, passage_emb):
+        bs = q_emb.size(0)
+        a_norm = torch.nn.functional.normalize(q_emb, p=2, dim=-1)
+        hard_norm = torch.nn.functional.normalize(passage_emb, p=2, dim=-1)
+        logits = (a_norm.unsqueeze(1) * hard_norm).sum(-1) / temperature
+        return criterion(logits, torch.zeros((bs), dtype=torch.long, device=logits.device)).mean()
+    total_loss = 0.0
+    dims = (mrl_dims + [query_embeddings.shape[-1]]) if use_mrl else [query_embeddings.shape[-1]]
+    d = query_embeddings.shape[-1]
+    hard_neg_embeddings = torch.concat([context_embeddings.unsqueeze(1), hard_neg_embeddings], dim=1)
+    n = 1
+    for dim in sorted(dims)[::-1]:
+        if dim > query_embeddings.shape[-1]:
+            continue
+        total_loss += _calculate_loss(query_embeddings[..., :dim], hard_neg_embeddings[..., :dim]) / (n * math.sqrt(d / dim))
+        n += 1
+    return total_loss
+
+
+@pytest.mark.parametrize("hidden", [128, 1024])
+@pytest.mark.parametrize("in_batch", [True, False], ids=["retrieval", "clustering"])
+def test_matryoshka_loss_is_f2llm_v2s(in_batch, hidden):
+    # v2 scores the raw hidden states and normalises each truncation; ours takes the normalised embeddings the encoder
+    # gives: the same function of the hidden states, so the same value and the same gradient with respect to them.
+    torch.manual_seed(0)
+    raw = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((6, hidden), (6, hidden), (6, 7, hidden))]
+    mrl_dims = [d for d in [2 ** i for i in range(3, 15)] if d < hidden]  # v2's run.py
+    criterion = torch.nn.CrossEntropyLoss(reduction="none")
+    theirs = v2_hard_loss(*raw, criterion, Accelerator, use_mrl=True, mrl_dims=mrl_dims)
+    if in_batch:
+        theirs = theirs + v2_inbatch_loss(raw[0], raw[1], criterion, Accelerator, use_mrl=True, mrl_dims=mrl_dims)
+    theirs_grads = torch.autograd.grad(theirs, raw)
+    objective = f2llm_loss.Objective(dims=f2llm_loss.matryoshka_dims(hidden))
+    ours, hard, ib = f2llm_loss.f2llm_loss(*(torch.nn.functional.normalize(x, dim=-1) for x in raw), in_batch, objective)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours, raw), theirs_grads):
+        torch.testing.assert_close(a, b)
+    assert (ib == 0) == (not in_batch) and objective.dims[0] == hidden and len(objective.dims) == len(mrl_dims) + 1
+    weights = [w for _, w in f2llm_loss.matryoshka(hidden, objective.dims)]
+    if hidden == 1024:  # the weights as v2's formula gives them for the 0.6B: 1, 0.354, 0.167, ... summed, not averaged
+        assert [round(w, 3) for w in weights] == [1, 0.354, 0.167, 0.088, 0.05, 0.029, 0.018, 0.011] and round(sum(weights), 2) == 1.72
+
+
+@pytest.mark.parametrize("chunks", ["7 sequences", "13 sequences", "40 tokens packed"])
+def test_gradient_cache_equals_uncached_with_matryoshka(tiny, chunks):
+    # The cache holds d loss / d embedding of the whole vectors, whatever the loss does with them.
+    model, tokenizer = tiny
+    batch, dims = make_batch(tokenizer, 5, 3, True), f2llm_loss.matryoshka_dims(128)
+    padded = lambda seqs: f2llm_model.pad(seqs, tokenizer.pad_token_id)
+    collate, chunker = (speed.pack, by_tokens(40)) if "packed" in chunks else (padded, by_length(int(chunks.split()[0])))
+    model.zero_grad()
+    ref_loss = uncached_step(model, batch, padded, dims=dims)
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = f2llm_loss.cached_step(model, batch, collate, chunker, f2llm_loss.Objective(dims=dims))[0]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    scale = max(g.abs().max().item() for g in ref.values())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
+    assert ref_loss > uncached_step(model, batch, padded) * 1.3  # the terms of the smaller dimensions are there
+    model.zero_grad()

@@ -1,5 +1,6 @@
 """eval.py against mteb itself: mteb's own task classes, run end to end on in-memory data with an encoder that
-returns fixed vectors, and eval.py's scoring of the same vectors. Every metric both report must agree to 1e-5.
+returns fixed vectors, and eval.py's scoring of the same vectors (and, with a dimension, of their first coordinates
+normalised again: eval.py --dims). Every metric both report must agree to 1e-5.
 Each task type has cases built to hit mteb's edge rules (ties at the cut, duplicate vectors, identical pairs,
 uneven label levels, rows without positives, constant rows) and an ordinary random case."""
 import logging
@@ -43,6 +44,13 @@ class FixedEncoder(AbsEncoder):
 def our_embed(vectors):
     """eval.py's side: the same vectors, as float32 tensors (what model.encode returns)."""
     return lambda texts, is_query: torch.from_numpy(np.stack([vectors[t] for t in texts]))
+
+
+def truncated(vectors, dim):
+    """mteb's side at dimension `dim`: each vector's first `dim` coordinates, normalised again (a Matryoshka model's
+    embedding of that size, as eval.py --dims takes it); None: the vectors as they are."""
+    at = lambda v: torch.nn.functional.normalize(torch.from_numpy(v[:dim]), dim=-1).numpy()
+    return vectors if dim is None else {t: at(v) for t, v in vectors.items()}
 
 
 def unit_vectors(texts, dim=8, seed=0, levels=None):
@@ -115,15 +123,15 @@ def retrieval_case(name):
     return corpus, queries, qrels, vectors
 
 
-@pytest.mark.parametrize("name", ["random", "near-ties", "ties-at-the-cut", "own-ids"])
-def test_retrieval_equals_mteb(name):
+@pytest.mark.parametrize("name, dim", [("random", None), ("near-ties", None), ("ties-at-the-cut", None), ("own-ids", None), ("random", 5)])
+def test_retrieval_equals_mteb(name, dim):
     corpus, queries, qrels, vectors = retrieval_case(name)
     data = {"default": {"test": RetrievalSplitData(queries=Dataset.from_list(queries), corpus=Dataset.from_list(corpus),
                                                     relevant_docs=qrels, top_ranked=None)}}
-    theirs = run_mteb(RetrievalIgnoringOwnId if name == "own-ids" else Retrieval, vectors, data)
+    theirs = run_mteb(RetrievalIgnoringOwnId if name == "own-ids" else Retrieval, truncated(vectors, dim), data)
     task = dict(type="retrieval", corpus=[dict(d, _id=d["id"]) for d in corpus], queries=[dict(q, _id=q["id"]) for q in queries],
                 doc_ids=[d["id"] for d in corpus], qrels=qrels, ignore_identical_ids=name == "own-ids")
-    ours = ev.score_task(task, our_embed(vectors))
+    ours = ev.score_task(task, ev.at_dim(our_embed(vectors), dim))
     compare("retrieval", ours, theirs, [f"{m}_at_{k}" for m in ("ndcg", "map", "recall", "precision", "mrr", "hit_rate") for k in metrics.KS])
 
 
@@ -139,8 +147,8 @@ def reranking_rows(name):
     return rows, vectors
 
 
-@pytest.mark.parametrize("name", ["random", "ties"])
-def test_reranking_equals_mteb(name, monkeypatch):
+@pytest.mark.parametrize("name, dim", [("random", None), ("ties", None), ("random", 5)])
+def test_reranking_equals_mteb(name, dim, monkeypatch):
     rows, vectors = reranking_rows(name)
 
     class Reranking(mteb_reranking.AbsTaskReranking):
@@ -148,8 +156,8 @@ def test_reranking_equals_mteb(name, monkeypatch):
     monkeypatch.setattr(mteb_reranking, "OLD_FORMAT_RERANKING_TASKS", [Reranking.metadata.name])
     task_obj = Reranking()
     task_obj.transform_old_dataset_format(DatasetDict(test=Dataset.from_list(rows)))
-    theirs = task_obj.evaluate(FixedEncoder(vectors), "test", encode_kwargs={"batch_size": 64, "show_progress_bar": False})["default"]
-    ours = ev.score_task(dict(type="reranking", **ev.as_retrieval(rows)), our_embed(vectors))
+    theirs = task_obj.evaluate(FixedEncoder(truncated(vectors, dim)), "test", encode_kwargs={"batch_size": 64, "show_progress_bar": False})["default"]
+    ours = ev.score_task(dict(type="reranking", **ev.as_retrieval(rows)), ev.at_dim(our_embed(vectors), dim))
     compare("reranking", ours, theirs, ["map_at_1000", "mrr_at_10", "ndcg_at_10"])
 
 
@@ -194,24 +202,24 @@ def clustering_case(name):
     return texts, labels, vectors
 
 
-@pytest.mark.parametrize("name, fraction", [("random", 1.0), ("uneven-ints", 1.0), ("uneven-strings", 1.0), ("default-fraction", 0.04),
-                                            ("all-documents", None)])
-def test_clustering_equals_mteb(name, fraction):
+@pytest.mark.parametrize("name, fraction, dim", [("random", 1.0, None), ("uneven-ints", 1.0, None), ("uneven-strings", 1.0, None),
+                                                 ("default-fraction", 0.04, None), ("all-documents", None, None), ("random", 1.0, 5)])
+def test_clustering_equals_mteb(name, fraction, dim):
     texts, labels, vectors = clustering_case(name)
 
     class Clustering(AbsTaskClustering):
         metadata = metadata("Clustering", f"OracleClustering{name}", "v_measure")
         max_fraction_of_documents_to_embed = fraction
-    theirs = run_mteb(Clustering, vectors, DatasetDict(test=Dataset.from_dict(dict(sentences=texts, labels=labels))))
+    theirs = run_mteb(Clustering, truncated(vectors, dim), DatasetDict(test=Dataset.from_dict(dict(sentences=texts, labels=labels))))
     rows = [dict(text=t, label=label) for t, label in zip(texts, labels)]
-    ours = ev.score_task(dict(type="clustering", rows=rows, fraction=fraction), our_embed(vectors))
+    ours = ev.score_task(dict(type="clustering", rows=rows, fraction=fraction), ev.at_dim(our_embed(vectors), dim))
     compare("clustering", ours, theirs, ["v_measure", "v_measure_std", "ami", "ami_std"])
 
 
 # ---- classification ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["three-labels", "binary", "string-labels"])
-def test_classification_equals_mteb(name):
+@pytest.mark.parametrize("name, dim", [("three-labels", None), ("binary", None), ("string-labels", None), ("three-labels", 5)])
+def test_classification_equals_mteb(name, dim):
     rng = np.random.default_rng(8)
     n_labels = 2 if name == "binary" else 3
     label = lambda i: f"class {i}" if name == "string-labels" else i
@@ -224,10 +232,10 @@ def test_classification_equals_mteb(name):
 
     class Classification(AbsTaskClassification):
         metadata = metadata("Classification", f"OracleClassification{name}", "accuracy")
-    theirs = run_mteb(Classification, vectors, DatasetDict(train=Dataset.from_dict(train), test=Dataset.from_dict(test)))
+    theirs = run_mteb(Classification, truncated(vectors, dim), DatasetDict(train=Dataset.from_dict(train), test=Dataset.from_dict(test)))
     task = dict(type="classification", train=[dict(text=t, label=y) for t, y in zip(*train.values())],
                 rows=[dict(text=t, label=y) for t, y in zip(*test.values())])
-    ours = ev.score_task(task, our_embed(vectors))
+    ours = ev.score_task(task, ev.at_dim(our_embed(vectors), dim))
     compare("classification", ours, theirs, ["accuracy", "f1", "f1_weighted", "precision", "recall"] + (["ap"] if name == "binary" else []))
 
 
@@ -246,12 +254,13 @@ class STS(AbsTaskSTS):
     metadata = metadata("STS", "OracleSTS", "cosine_spearman")
 
 
-@pytest.mark.parametrize("name", ["random", "identical", "ties"])
-def test_sts_equals_mteb(name):
+@pytest.mark.parametrize("name, dim", [("random", None), ("identical", None), ("ties", None), ("random", 5)])
+def test_sts_equals_mteb(name, dim):
     s1, s2, vectors, rng = pairs(name)
     gold = [float(rng.randint(0, 10)) / 2 for _ in s1]
-    theirs = run_mteb(STS, vectors, DatasetDict(test=Dataset.from_dict(dict(sentence1=s1, sentence2=s2, score=gold))))
-    ours = ev.score_task(dict(type="sts", rows=[dict(sentence1=a, sentence2=b, score=g) for a, b, g in zip(s1, s2, gold)]), our_embed(vectors))
+    theirs = run_mteb(STS, truncated(vectors, dim), DatasetDict(test=Dataset.from_dict(dict(sentence1=s1, sentence2=s2, score=gold))))
+    rows = [dict(sentence1=a, sentence2=b, score=g) for a, b, g in zip(s1, s2, gold)]
+    ours = ev.score_task(dict(type="sts", rows=rows), ev.at_dim(our_embed(vectors), dim))
     compare("sts", ours, theirs, ["cosine_spearman", "cosine_pearson", "euclidean_spearman", "manhattan_spearman", "spearman", "pearson"])
 
 
@@ -259,13 +268,14 @@ class PairClassification(AbsTaskPairClassification):
     metadata = metadata("PairClassification", "OraclePairClassification", "max_ap")
 
 
-@pytest.mark.parametrize("name", ["random", "identical", "ties"])
-def test_pair_classification_equals_mteb(name):
+@pytest.mark.parametrize("name, dim", [("random", None), ("identical", None), ("ties", None), ("random", 5)])
+def test_pair_classification_equals_mteb(name, dim):
     s1, s2, vectors, rng = pairs(name)
     labels = [int(a == b or rng.random() < 0.4) for a, b in zip(s1, s2)]
-    theirs = run_mteb(PairClassification, vectors, DatasetDict(test=Dataset.from_dict(dict(sentence1=s1, sentence2=s2, labels=labels))))
+    data = DatasetDict(test=Dataset.from_dict(dict(sentence1=s1, sentence2=s2, labels=labels)))
+    theirs = run_mteb(PairClassification, truncated(vectors, dim), data)
     rows = [dict(sentence1=a, sentence2=b, label=y) for a, b, y in zip(s1, s2, labels)]
-    ours = ev.score_task(dict(type="pair_classification", rows=rows), our_embed(vectors))
+    ours = ev.score_task(dict(type="pair_classification", rows=rows), ev.at_dim(our_embed(vectors), dim))
     compare("pair_classification", ours, theirs, [f"{s}_{m}" for s in ("cosine", "dot", "euclidean", "manhattan", "similarity", "max")
                                                   for m in ("accuracy", "f1", "precision", "recall", "ap")])
 
@@ -275,8 +285,8 @@ class Summarization(AbsTaskSummarization):
     min_score, max_score = 0, 5
 
 
-@pytest.mark.parametrize("name", ["random", "constant-rows"])
-def test_summarization_equals_mteb(name):
+@pytest.mark.parametrize("name, dim", [("random", None), ("constant-rows", None), ("random", 5)])
+def test_summarization_equals_mteb(name, dim):
     rng = random.Random(name)
     texts = [f"summary {i}" for i in range(100)]
     vectors = unit_vectors(texts, seed=10)
@@ -289,8 +299,8 @@ def test_summarization_equals_mteb(name):
         if name == "constant-rows" and i % 5 == 1:
             machine = [machine[0]] * 5  # constant predictions: skipped
         rows.append(dict(text=f"article {i}", human_summaries=human, machine_summaries=machine, relevance=relevance))
-    theirs = run_mteb(Summarization, vectors, DatasetDict(test=Dataset.from_list(rows)))
-    ours = ev.score_task(dict(type="summarization", rows=rows), our_embed(vectors))
+    theirs = run_mteb(Summarization, truncated(vectors, dim), DatasetDict(test=Dataset.from_list(rows)))
+    ours = ev.score_task(dict(type="summarization", rows=rows), ev.at_dim(our_embed(vectors), dim))
     compare("summarization", ours, theirs, ["cosine_spearman", "cosine_pearson", "dot_spearman", "dot_pearson", "spearman", "pearson"])
 
 

@@ -80,6 +80,24 @@ def test_compiled_packed_run_trains_as_the_eager_one(data_dir, tmp_path):
     assert "Recompiling" in log and "size mismatch" not in log, log[-3000:]
 
 
+def test_matryoshka_trains_resumes_exactly_and_is_scored_at_every_dimension(data_dir, tmp_path):
+    task = write_retrieval_task(tmp_path / "TinyRetrieval", "q0\td0\t1\nq1\td1\t2\n")
+    args = common(data_dir, tmp_path) + ["--matryoshka", "--val-every", 0, "--eval-tasks", task]
+    run_train(*args, "--stop-at", 4, "--out", tmp_path / "straight")
+    run_train(*args, "--stop-at", 2, "--out", tmp_path / "stopped")
+    output = run_train(*args, "--stop-at", 4, "--out", tmp_path / "stopped", "--resume")
+    assert "Matryoshka dimensions 128, 64, 32, 16, 8" in output
+    losses = lambda out: [(r["step"], r["loss"], r["lr"]) for r in read_log(out) if "loss" in r]
+    assert len(losses(tmp_path / "straight")) == 4 and losses(tmp_path / "stopped") == losses(tmp_path / "straight")  # bit for bit
+    scored = [r["eval"] for r in read_log(tmp_path / "straight") if "eval" in r]
+    assert len(scored) == 1 and list(scored[0]) == [f"TinyRetrieval@{d}" for d in (128, 64, 32, 16, 8)]  # before training (none at --stop-at)
+    assert "Matryoshka loss at dimensions 128, 64, 32, 16, 8" in (tmp_path / "straight" / "checkpoint" / "README.md").read_text()
+    # Validation stays at the full size, as in v2: before any step, the flag changes nothing in it.
+    run_train(*common(data_dir, tmp_path), "--val-every", 0, "--stop-at", 1, "--out", tmp_path / "plain")
+    val = lambda out: [r["val_loss"] for r in read_log(out) if "val_loss" in r][0]
+    assert val(tmp_path / "straight") == val(tmp_path / "plain")
+
+
 def test_presets():
     args = train.parse_args(["--size", "0.6b"])
     assert (args.lr, args.batch_size, args.max_len, args.epochs, args.warmup, args.schedule_world) == (1e-5, 512, 1024, 2, 500, 16)
