@@ -38,6 +38,18 @@ def tokenized(path, kind, need, tokenize, cache_dir, file_digest=None, progress=
     return open_folder(folder)
 
 
+def download(data):
+    """A hub dataset id (owner/name): its .parquet/.jsonl files, downloaded to the hub's cache; the local folder they are in."""
+    parts = data.split("/")
+    if os.path.exists(data) or len(parts) != 2 or data.startswith((".", "~")) or os.path.isdir(parts[0]) or not all(parts):
+        raise checks.DataError(f"{data}: no such folder of F2LLM files (a hub dataset id looks like codefuse-ai/F2LLM)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(data, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl"])
+    except Exception as e:
+        raise checks.DataError(f"{data}: not a local folder, and the hub dataset could not be fetched ({type(e).__name__}: {e})") from None
+
+
 def read_rows(path, cache_dir):
     """The file as a memory-mapped Arrow table, read by `datasets` after the checks it would not make itself."""
     import datasets

@@ -18,11 +18,13 @@ newest state is named and --resume falls back to the one before. Weights that ar
 """
 import errno
 import fcntl
+import functools
 import glob
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 
 import torch
@@ -275,15 +277,26 @@ def save_tokenizer(tokenizer, folder, max_len):
     """The tokenizer as users should get it: it appends EOS itself (a TemplateProcessing post-processor), so a
     plain call, truncation included, gives exactly our ids (text truncated to max_len - 1, then EOS); no
     truncation left over from training; model_max_length set. Our own calls pass add_special_tokens=False."""
-    from tokenizers import processors
+    os.makedirs(folder, exist_ok=True)
+    for name, content in tokenizer_files(tokenizer.backend_tokenizer.to_str(), tokenizer.pad_token, max_len).items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(content)
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer_files(backend, pad_token, max_len):
+    """The files of save_tokenizer, built once for a run's every save (building them takes a second)."""
+    from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
-    backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
+    backend = Tokenizer.from_str(backend)
     backend.no_truncation()
     backend.no_padding()
     backend.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}",
-                                                           special_tokens=[(EOS, tokenizer.convert_tokens_to_ids(EOS))])
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=tokenizer.pad_token, model_max_length=max_len,
-                            padding_side="right").save_pretrained(folder)
+                                                           special_tokens=[(EOS, backend.token_to_id(EOS))])
+    with tempfile.TemporaryDirectory() as tmp:
+        PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=pad_token, model_max_length=max_len,
+                                padding_side="right").save_pretrained(tmp)
+        return {name: open(os.path.join(tmp, name), "rb").read() for name in os.listdir(tmp)}
 
 
 def write_sentence_transformers_files(folder, hidden, max_len, instruction):

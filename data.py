@@ -58,15 +58,7 @@ def unlisted(names, overrides=None):
 
 def find_files(data):
     """A folder of .parquet/.jsonl files, or a hub dataset id (owner/name), downloaded to a local folder first."""
-    if not os.path.isdir(data):
-        parts = data.split("/")
-        if os.path.exists(data) or len(parts) != 2 or data.startswith((".", "~")) or os.path.isdir(parts[0]) or not all(parts):
-            raise DataError(f"{data}: no such folder of F2LLM files (a hub dataset id looks like codefuse-ai/F2LLM)")
-        from huggingface_hub import snapshot_download
-        try:
-            data = snapshot_download(data, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl"])
-        except Exception as e:
-            raise DataError(f"{data}: not a local folder, and the hub dataset could not be fetched ({type(e).__name__}: {e})") from None
+    data = data if os.path.isdir(data) else cache.download(data)
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs if f.endswith((".parquet", ".jsonl")))
     if not files:
         raise DataError(f"{data}: no .parquet or .jsonl files")

@@ -42,10 +42,26 @@ class Log:
         self.write(dict(step=step, source=batch["source"], loss=n["loss"], hard=n["hard"], in_batch=n["in_batch"], lr=lr,
                         grad_norm=n["grad_norm"], seq_per_s=n["seqs"] / seconds, tok_per_s=n["tokens"] / seconds))
 
+    def skipped(self, step, numbers, counters):
+        """A step whose loss or gradient was not finite: it changed nothing."""
+        print0(f"step {step}: non-finite loss or gradient norm ({numbers['loss']}, {numbers['grad_norm']}); skipped, weights unchanged "
+               f"({counters['bad_in_a_row']} in a row, {counters['bad']} in all)")
+        self.write(dict(step=step, skipped="non-finite loss or gradient norm", bad=counters["bad"]))
+
     def close(self):
         for handle in (self.curves, self.file):
             if handle:
                 handle.close()
+
+
+def sources(batches, unlisted, epochs):
+    """What the run trains on: each source's type, rows and steps, and the sources trained otherwise than officially."""
+    for s, n in zip(batches.sources, batches.n_batches):
+        print0(f"  source {s.name}: {s.kind}, {len(s.query):,} rows, {n} steps per epoch")
+    for name in unlisted:
+        print0(f"warning: source {name!r} is in none of F2LLM's lists: trained as retrieval (hard and in-batch negatives), where the "
+               f"official code trains it with hard negatives only; --task-type {name}=clustering does that")
+    print0(f"{batches.steps_per_epoch * epochs} steps: {epochs} epoch(s) x {batches.steps_per_epoch}, global batch {batches.G} queries")
 
 
 def peak_memory_gb(device):

@@ -71,22 +71,16 @@ def parser():
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--temperature", type=float, default=loss.TEMPERATURE)
     p.add_argument("--in-batch-grad", action="store_true", help="let the in-batch term train the positives too (not the released recipe)")
-    p.add_argument("--matryoshka", action="store_true", help="F2LLM-v2's Matryoshka loss (not the v1 recipe): every term also on the first D "
-                   "coordinates for D = each 2^k below the hidden size, weighted; validation stays at the full size")
-    p.add_argument("--matryoshka-dims", type=int, nargs="+", metavar="D", help="with --matryoshka: these dimensions (below the hidden size) "
-                   "instead of the powers of two")
+    p.add_argument("--matryoshka", action="store_true", help="F2LLM-v2's loss: every term also on the first 2^k coordinates (not the v1 recipe)")
+    p.add_argument("--matryoshka-dims", type=int, nargs="+", metavar="D", help="with --matryoshka: these dimensions instead of the 2^k")
     p.add_argument("--seed", type=int, default=0)
     # memory and speed (speed.py; none changes the gradient)
     p.add_argument("--chunk-size", type=int, help="sequences per gradient-cache chunk (preset): sets memory, not the result")
-    p.add_argument("--chunk-tokens", type=int, help="pack each chunk's sequences into one row of at most this many tokens, no padding "
-                   "computed (replaces --chunk-size)")
-    p.add_argument("--padded", action="store_true", help="with --chunk-tokens: padded rows instead of one packed row, as many as the "
-                   "token budget holds counting the padding (sequences sorted by length, so little)")
+    p.add_argument("--chunk-tokens", type=int, help="chunks of this many tokens, each packed into one row: no padding computed")
+    p.add_argument("--padded", action="store_true", help="with --chunk-tokens: padded rows (as many as the budget holds) instead of one packed row")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32",
-                   help="bf16: bf16 weights for compute over fp32 master weights and optimizer (FSDP2's mixed precision, the released "
-                        "run's arithmetic; default on GPUs); fp32: fp32 weights, bf16 autocast on GPUs (default on CPU)")
-    p.add_argument("--fsdp", action="store_true", help="FSDP2 with --precision fp32 too (parameters, gradients and optimizer sharded over "
-                   "ranks); --precision bf16, the GPU default, always runs FSDP2")
+                   help="bf16 (GPUs): FSDP2, bf16 weights for compute over fp32 masters, as the released run; fp32: fp32 weights (CPU)")
+    p.add_argument("--fsdp", action="store_true", help="shard fp32 weights, gradients and optimizer over the ranks too (bf16 always does)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (off by default: docs/gpu.md)")
     p.add_argument("--liger", action="store_true", help="liger-kernel's fused Qwen3 kernels (RMSNorm, RoPE, SwiGLU; GPUs, liger-kernel installed)")
     # bookkeeping
@@ -97,8 +91,7 @@ def parser():
     p.add_argument("--eval-every", type=int, default=0, help="built-in evaluation tasks every N steps (0: before and after)")
     p.add_argument("--eval-tasks", nargs="*", help="task folders evaluated during training (default: built-in)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep", type=int, default=2, help="training states kept, the newest and those before it: --resume falls back to the "
-                   "one before when the newest is damaged")
+    p.add_argument("--keep", type=int, default=2, help="training states kept: --resume falls back past a damaged newest one")
     p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even though --out holds another run (it is deleted)")
     p.add_argument("--stop-at", type=int, help="checkpoint and exit after this step, e.g. to fit a job's time limit")
@@ -206,12 +199,7 @@ def load_batches(args, proc, files, identity, tokenizer):
         if proc.world > 1:
             dist.barrier()
     batches = data.Batches(sources, args.batch_size, proc.world, proc.rank, args.seed)
-    for s, n in zip(sources, batches.n_batches):
-        print0(f"  source {s.name}: {s.kind}, {len(s.query):,} rows, {n} steps per epoch")
-    for name in data.unlisted([s.name for s in sources], args.task_type):
-        print0(f"warning: source {name!r} is in none of F2LLM's lists: trained as retrieval (hard and in-batch negatives), where the "
-               f"official code trains it with hard negatives only; --task-type {name}=clustering does that")
-    print0(f"{batches.steps_per_epoch * args.epochs} steps: {args.epochs} epoch(s) x {batches.steps_per_epoch}, global batch {args.batch_size} queries")
+    logs.sources(batches, data.unlisted([s.name for s in sources], args.task_type), args.epochs)
     return batches
 
 
@@ -297,16 +285,13 @@ def skipped(run, done, numbers):
     --max-bad-steps of them in a row the run stops."""
     counters = run.counters
     counters["bad_in_a_row"] = 0 if numbers["finite"] else counters["bad_in_a_row"] + 1
-    if numbers["finite"]:
-        return False
-    counters["bad"] += 1
-    print0(f"step {done}: non-finite loss or gradient norm ({numbers['loss']}, {numbers['grad_norm']}); skipped, weights unchanged "
-           f"({counters['bad_in_a_row']} in a row, {counters['bad']} in all)")
-    run.log.write(dict(step=done, skipped="non-finite loss or gradient norm", bad=counters["bad"]))
+    counters["bad"] += not numbers["finite"]
+    if not numbers["finite"]:
+        run.log.skipped(done, numbers, counters)
     if counters["bad_in_a_row"] >= run.args.max_bad_steps:
         raise launch.UserError(f"{counters['bad_in_a_row']} steps in a row with a non-finite loss or gradient norm, up to step {done}: "
-                           f"stopping; the last checkpoint in {run.args.out} is the last good state (a lower --lr may help)")
-    return True
+                               f"stopping; the last checkpoint in {run.args.out} is the last good state (a lower --lr may help)")
+    return not numbers["finite"]
 
 
 def validate(run, step):

@@ -14,13 +14,23 @@ import checkpoint
 import model as f2llm_model
 
 
-@pytest.mark.parametrize("kind", ["retrieval", "retrieval-grad", "clustering", "matryoshka", "matryoshka-grad"])
-def test_two_ranks_give_the_gradient_of_one_process(tiny, tmp_path, kind):
+KINDS = ["retrieval", "retrieval-grad", "clustering", "matryoshka", "matryoshka-grad"]
+
+
+@pytest.fixture(scope="module")
+def ddp_steps(tmp_path_factory):
+    """One torchrun job: a cached step of each kind of loss on 2 ranks."""
+    folder = tmp_path_factory.mktemp("ddp")
+    torchrun("tests/ddp_worker.py", folder, *KINDS)
+    return folder
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_ranks_give_the_gradient_of_one_process(tiny, ddp_steps, kind):
     # The test that catches a 1/W or W factor, a gather that drops the gradient of the other ranks' positives
     # (retrieval-grad) and one that lets gradient through where the released recipe has none (retrieval); with the
     # Matryoshka loss too, where every dimension's terms take the gathered positives.
-    torchrun("tests/ddp_worker.py", tmp_path, kind)
-    ddp = torch.load(tmp_path / "ddp.pt")
+    ddp = torch.load(ddp_steps / f"ddp-{kind}.pt")
     assert sorted(ddp["reduced"]) == list(range(len(ddp["reduced"]))), ddp["reduced"]  # every bucket all-reduced once in the step
     model, tokenizer = tiny
     model.zero_grad()
@@ -35,27 +45,35 @@ def test_two_ranks_give_the_gradient_of_one_process(tiny, tmp_path, kind):
     model.zero_grad()
 
 
-@pytest.fixture
-def common(tmp_path):
+@pytest.fixture(scope="module")
+def common(tmp_path_factory):
     """An 11-step run (7 + 4 global batches of 108 and 59 training rows): a retrieval and a clustering source, no evaluation tasks."""
-    data = tmp_path / "data"
+    folder = tmp_path_factory.mktemp("common")
+    data = folder / "data"
     data.mkdir()
     write_source(data / "qa.jsonl", 110, 8, seed=1)
     write_source(data / "banking77.jsonl", 60, 8, seed=2)
     return ["--data", data, "--batch-size", 16, "--chunk-size", 24, "--max-len", 32, "--epochs", 1, "--eval-tasks", "--val-every", 0,
-            "--cache-dir", tmp_path / "cache"]
+            "--cache-dir", folder / "cache"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, common):
+    """The first 3 steps of `common` in one process: what every torchrun run below must equal."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    run_train(*common, "--stop-at", 3, "--out", out)
+    return out
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp", "fsdp-packed"])
-def test_torchrun_training_matches_one_process(tmp_path, common, sharding):
+def test_torchrun_training_matches_one_process(tmp_path, common, one_process, sharding):
     # fsdp-packed: under FSDP every forward is a collective, so ranks whose shards pack into different numbers of
     # chunks must be evened out (or the job hangs; at 40 tokens the ranks pack 26 and 27 chunks in a step); the
     # gradient does not depend on the chunking.
     args = common + ["--stop-at", 3]
-    run_train(*args, "--out", tmp_path / "one")
     flags = {"ddp": [], "fsdp": ["--fsdp"], "fsdp-packed": ["--fsdp", "--chunk-tokens", "40"]}[sharding]
     torchrun("train.py", *args, "--out", tmp_path / "two", *flags)
-    one = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
+    one = load_file(one_process / "checkpoint" / "model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
     start = f2llm_model.load("tiny")[0].backbone.state_dict()
     moved = 0
@@ -64,20 +82,20 @@ def test_torchrun_training_matches_one_process(tmp_path, common, sharding):
         moved += (one[k] - start[k]).abs().max().item() > 1e-4
     assert moved == len(one)  # every tensor was trained, so agreement is not agreement of untouched weights
     losses = lambda out: [r["loss"] for r in read_log(out) if "loss" in r]
-    assert len(losses(tmp_path / "one")) == 3
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
+    assert len(losses(one_process)) == 3
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(one_process)), atol=1e-5, rtol=1e-5)
     # Held-out loss: 1 row per source, padded to 2 on two ranks; the padding must not count.
     vals = lambda out: [r["val"] for r in read_log(out) if "val" in r]
-    assert vals(tmp_path / "one") and all(len(v) == 2 for v in vals(tmp_path / "one"))
-    torch.testing.assert_close(vals(tmp_path / "two"), vals(tmp_path / "one"), atol=1e-5, rtol=1e-5)
+    assert vals(one_process) and all(len(v) == 2 for v in vals(one_process))
+    torch.testing.assert_close(vals(tmp_path / "two"), vals(one_process), atol=1e-5, rtol=1e-5)
 
 
 def test_torchrun_resume_continues_exactly(tmp_path, common):
-    torchrun("train.py", *common, "--out", tmp_path / "straight")
+    torchrun("train.py", *common, "--out", tmp_path / "straight", "--stop-at", 7)
     torchrun("train.py", *common, "--out", tmp_path / "stopped", "--stop-at", 4)
-    torchrun("train.py", *common, "--out", tmp_path / "stopped", "--resume")
+    torchrun("train.py", *common, "--out", tmp_path / "stopped", "--resume", "--stop-at", 7)
     losses = lambda out: [(r["step"], r["loss"]) for r in read_log(out) if "loss" in r]
-    assert len(losses(tmp_path / "straight")) == 11
+    assert len(losses(tmp_path / "straight")) == 7
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
 
 
@@ -94,14 +112,12 @@ def test_an_error_on_one_rank_ends_the_job_with_that_error(tmp_path, common):
     assert "SIGABRT" not in output and "terminate called" not in output
 
 
-def test_two_nodes_give_the_losses_of_one_process(tmp_path, common):
+def test_two_nodes_give_the_losses_of_one_process(tmp_path, common, one_process):
     # Two agents, one process each, joined by a rendezvous endpoint as separate machines would be.
-    args = common + ["--stop-at", 3]
-    run_train(*args, "--out", tmp_path / "one")
-    torchrun_nodes("train.py", *args, "--out", tmp_path / "nodes")
+    torchrun_nodes("train.py", *common, "--stop-at", 3, "--out", tmp_path / "nodes")
     losses = lambda out: [r["loss"] for r in read_log(out) if "loss" in r]
-    assert len(losses(tmp_path / "one")) == 3
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "nodes")), torch.tensor(losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
+    assert len(losses(one_process)) == 3
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "nodes")), torch.tensor(losses(one_process)), atol=1e-5, rtol=1e-5)
 
 
 def test_under_torchrun_a_users_error_is_one_line_and_the_failing_ranks(tmp_path, common):

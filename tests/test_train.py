@@ -45,11 +45,11 @@ def test_short_run_lowers_validation_loss(data_dir, tmp_path):
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
-    args = common(data_dir, tmp_path) + ["--val-every", 0, "--batch-size", 64]
-    run_train(*args, "--out", tmp_path / "straight")
+    args = common(data_dir, tmp_path) + ["--val-every", 0]
+    run_train(*args, "--out", tmp_path / "straight", "--stop-at", 6)
     run_train(*args, "--out", tmp_path / "stopped", "--stop-at", 3)
     assert [r["step"] for r in read_log(tmp_path / "stopped") if "loss" in r] == [1, 2, 3]
-    run_train(*args, "--out", tmp_path / "stopped", "--resume")
+    run_train(*args, "--out", tmp_path / "stopped", "--resume", "--stop-at", 6)
     losses = lambda out: [(r["step"], r["loss"], r["lr"]) for r in read_log(out) if "loss" in r]
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")  # bit for bit
     a = load_file(tmp_path / "straight" / "checkpoint" / "model.safetensors")
