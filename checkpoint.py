@@ -1,9 +1,9 @@
 """What a run leaves in --out, written so that no crash loses it and no second run can clobber it.
 
-    out/state-<step>.pt the training state: fp32 weights, optimizer, step, RNG, bad-step count, settings and what
-                        identifies the data; written aside and renamed into place; the newest --keep (2) are kept
-    out/state.json      the newest one's summary (step, settings, data), read first so that --resume can refuse
-                        early, and the kept states with the digest of each, so that each is verified on load
+    out/state-<step>.pt the training state: fp32 weights, optimizer, step, RNG, bad-step count; written aside and
+                        renamed into place; the newest --keep (2) are kept
+    out/state.json      the run's settings, what identifies its data and tokenizer, and the kept states with the
+                        digest of each, so that each is verified on load; read first so that --resume can refuse early
     out/checkpoint/     the model to use and upload: weights, config, tokenizer (EOS appended by its own
                         post-processor), the sentence-transformers files (last-token pooling, normalisation,
                         prompts) and a model card; `SentenceTransformer("out/checkpoint")` loads it right
@@ -35,7 +35,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import checks
 import launch
 
-EOS = "<|im_end|>"
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"  # F2LLM's MTEB wrapper
 
 
@@ -157,7 +156,7 @@ def tensor_bytes(obj):
 def save(out, model, optimizer, tokenizer, progress, about):
     """Every rank gathers the full (unsharded, fp32) state; rank 0 writes the training state, then the model folder.
     progress: step and counters; about: settings, data and tokenizer identity (state.json), export (the model folder's
-    base, max_len, instruction and data) and keep (how many training states stay)."""
+    base, max_len, instruction, data and Matryoshka dimensions) and keep (how many training states stay)."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=full)
     optim = get_optimizer_state_dict(model, optimizer, options=full)
@@ -167,7 +166,7 @@ def save(out, model, optimizer, tokenizer, progress, about):
                              cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), dict(step=progress["step"], **summary),
                    about["keep"])
         encoder = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        card = model_card(export["base"], export["max_len"], export["instruction"], progress["step"], export["data"], export["dims"])
+        card = model_card(export, progress["step"], tokenizer.eos_token)
         folder, backbone = os.path.join(out, "checkpoint"), {k.removeprefix("backbone."): v for k, v in weights.items()}
         with written_or_named(folder, folder + ".tmp", "writing the model folder", tensor_bytes(backbone), [dict(step=progress["step"])]):
             export_model(out, encoder.backbone, backbone, tokenizer, export["max_len"], export["instruction"], card)
@@ -209,7 +208,7 @@ def choose(out):
 
 
 def load_state(out):
-    """The newest intact training state; its own step and settings are the truth."""
+    """The newest intact training state; its own step is the truth (state.json's may be that of a save interrupted)."""
     return torch.load(choose(out)[0], weights_only=False, map_location="cpu")
 
 
@@ -278,23 +277,23 @@ def save_tokenizer(tokenizer, folder, max_len):
     plain call, truncation included, gives exactly our ids (text truncated to max_len - 1, then EOS); no
     truncation left over from training; model_max_length set. Our own calls pass add_special_tokens=False."""
     os.makedirs(folder, exist_ok=True)
-    for name, content in tokenizer_files(tokenizer.backend_tokenizer.to_str(), tokenizer.pad_token, max_len).items():
+    for name, content in tokenizer_files(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token, tokenizer.pad_token, max_len).items():
         with open(os.path.join(folder, name), "wb") as f:
             f.write(content)
 
 
 @functools.lru_cache(maxsize=1)
-def tokenizer_files(backend, pad_token, max_len):
+def tokenizer_files(backend, eos, pad_token, max_len):
     """The files of save_tokenizer, built once for a run's every save (building them takes a second)."""
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
     backend = Tokenizer.from_str(backend)
     backend.no_truncation()
     backend.no_padding()
-    backend.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}",
-                                                           special_tokens=[(EOS, backend.token_to_id(EOS))])
+    backend.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                                           special_tokens=[(eos, backend.token_to_id(eos))])
     with tempfile.TemporaryDirectory() as tmp:
-        PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=pad_token, model_max_length=max_len,
+        PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=pad_token, model_max_length=max_len,
                                 padding_side="right").save_pretrained(tmp)
         return {name: open(os.path.join(tmp, name), "rb").read() for name in os.listdir(tmp)}
 
@@ -315,7 +314,8 @@ def write_sentence_transformers_files(folder, hidden, max_len, instruction):
                                                          default_prompt_name=None, similarity_fn_name="cosine"))
 
 
-def model_card(base, max_len, instruction, step, data, dims=()):
+def model_card(export, step, eos):
+    base, max_len, instruction, data, dims = (export[k] for k in ("base", "max_len", "instruction", "data", "dims"))
     matryoshka = f"""
 Trained with F2LLM-v2's Matryoshka loss at dimensions {", ".join(map(str, dims))}: the first D coordinates of an embedding,
 normalised again, are an embedding of D dimensions, as `eval.py --dims` scores them:
@@ -330,7 +330,7 @@ base_model: {base}
 # F2LLM embedding model
 
 Trained from `{base}` with the F2LLM recipe (arXiv 2510.02294) for {step} steps on `{data}`.
-Embedding: the hidden state at the EOS token `{EOS}` that the tokenizer appends, L2-normalised; cosine similarity;
+Embedding: the hidden state at the EOS token `{eos}` that the tokenizer appends, L2-normalised; cosine similarity;
 up to {max_len} tokens.
 
 ```python

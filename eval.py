@@ -1,4 +1,4 @@
-"""Evaluate an embedding model on local tasks with MTEB's scoring, so our numbers equal mteb's on the same embeddings.
+r"""Evaluate an embedding model on local tasks with MTEB's scoring, so our numbers equal mteb's on the same embeddings.
 
     python eval.py                                           # latest checkpoint of `python train.py`, built-in tasks
     python eval.py --model out/checkpoint --tasks DIR [DIR ...] --out results/
@@ -198,7 +198,7 @@ def score_task(task, embed):
 
 
 def max_len_for(settings):
-    """Tokens per text for a checkpoint trained with `settings` (train_args.json): MAX_LEN, except the tiny
+    """Tokens per text for a checkpoint trained with `settings` (train.py's): MAX_LEN, except the tiny
     random-init model, which has seen nothing longer than its training length and would only run slower."""
     return settings["max_len"] if settings and settings.get("size") == "tiny" else MAX_LEN
 

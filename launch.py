@@ -79,6 +79,9 @@ def run(main):
     except BaseException as e:
         line = one_line(e)
         if line is None:
+            if isinstance(e, SystemExit) and isinstance(e.code, str):  # a refusal, shown with its traceback (F2LLM_TRACEBACK)
+                traceback.print_exc()
+                sys.exit(1)
             if not isinstance(e, SystemExit):
                 _record("".join(traceback.format_exception(e)))
             raise

@@ -3,7 +3,7 @@
     python train.py                                              # tiny Qwen3 on built-in data, CPU, minutes
     torchrun --standalone --nproc_per_node=2 train.py            # the same on 2 processes (gloo on CPU)
     torchrun --standalone --nproc_per_node=8 train.py --size 0.6b --data DIR   # the paper's recipe, 8 GPUs
-    torchrun --standalone --nproc_per_node=8 train.py --size 4b --fsdp --data codefuse-ai/F2LLM
+    torchrun --standalone --nproc_per_node=8 train.py --size 4b --data codefuse-ai/F2LLM
     python train.py --resume                                     # continue the run in --out exactly
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id run1 train.py --size 4b ...
 
@@ -63,7 +63,7 @@ def parser():
     p.add_argument("--lr", type=float, help="peak learning rate (preset)")
     p.add_argument("--min-lr", type=float, default=1e-7, help="learning-rate floor")
     p.add_argument("--warmup", type=int, help="warmup length in scheduler steps (preset; see --schedule-world)")
-    p.add_argument("--schedule-world", type=int, help="the released runs' GPU count (preset 16, 4b 32): their scheduler counted "
+    p.add_argument("--schedule-world", type=int, help="the released runs' GPU count (preset 16, 4b 32, tiny 1): their scheduler counted "
                    "per-GPU batches and was stepped once per GPU per optimizer step, so warmup 500 lasted 500/16 optimizer steps")
     p.add_argument("--epochs", type=int, help="passes over every source (preset)")
     p.add_argument("--batch-size", type=int, help="global batch in queries, over all ranks (preset)")
@@ -79,7 +79,8 @@ def parser():
     p.add_argument("--chunk-tokens", type=int, help="chunks of this many tokens, each packed into one row: no padding computed")
     p.add_argument("--padded", action="store_true", help="with --chunk-tokens: padded rows (as many as the budget holds) instead of one packed row")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32",
-                   help="bf16 (GPUs): FSDP2, bf16 weights for compute over fp32 masters, as the released run; fp32: fp32 weights (CPU)")
+                   help="bf16 (GPU default): FSDP2, bf16 weights for compute over fp32 masters, as the released run; fp32: fp32 weights "
+                        "(CPU default; bf16 autocast on GPUs)")
     p.add_argument("--fsdp", action="store_true", help="shard fp32 weights, gradients and optimizer over the ranks too (bf16 always does)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (off by default: docs/gpu.md)")
     p.add_argument("--liger", action="store_true", help="liger-kernel's fused Qwen3 kernels (RMSNorm, RoPE, SwiGLU; GPUs, liger-kernel installed)")
@@ -88,7 +89,7 @@ def parser():
     p.add_argument("--cache-dir", default=os.path.join(builtin.CACHE, "tokenized"), help="tokenized data cache")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--val-every", type=int, help="held-out loss every N steps (preset; 0: only at the start and end)")
-    p.add_argument("--eval-every", type=int, default=0, help="built-in evaluation tasks every N steps (0: before and after)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluation tasks every N steps (0: before and after)")
     p.add_argument("--eval-tasks", nargs="*", help="task folders evaluated during training (default: built-in)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=int, default=2, help="training states kept: --resume falls back past a damaged newest one")
@@ -177,11 +178,11 @@ def prepare(args, proc):
     every rank receives (files, their identity, evaluation tasks, the checkpoint's summary on --resume)."""
     folder, found = args.data or os.path.join(builtin.CACHE, "stdlib-train"), None
     if proc.master:
-        summary = checkpoint.prepare(args, checks.RESUME_KEYS)
-        tasks = builtin.tasks(os.path.join(builtin.CACHE, "stdlib-eval")) if args.eval_tasks is None else args.eval_tasks
         files = data.find_files(builtin.training_data(folder) if not args.data else folder)
         if unknown := set(args.task_type) - {data.source_name(f) for f in files}:
             raise SystemExit(f"--task-type names no source of {folder}: {sorted(unknown)}")
+        summary = checkpoint.prepare(args, checks.RESUME_KEYS)  # after the checks above: --overwrite deletes
+        tasks = builtin.tasks(os.path.join(builtin.CACHE, "stdlib-eval")) if args.eval_tasks is None else args.eval_tasks
         identity = checks.identify(files, data.source_name)
         if summary and (changes := checks.changes(summary["data"], identity)):
             raise SystemExit(f"--resume: the data differs from the checkpoint's: {'; '.join(changes)}")

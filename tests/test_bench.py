@@ -44,7 +44,7 @@ def test_gpu_benchmark_skips_what_is_left_past_its_budget():
 
 
 def test_compiled_packed_rows_count_their_filling():
-    # Under --compile each packed row is filled up to the budget (train.packed_width): the rows print what it costs.
+    # Under --compile each packed row is filled up to the budget (speed.packed_width): the rows print what it costs.
     import bench_gpu
     seqs = [[1] * n for n in (100, 90, 60, 30, 20)]  # 300 tokens: chunks of 190 and 110 at a budget of 200
     packed, compiled = (next(v for v in bench_gpu.VARIANTS if v.name == name) for name in ("bf16 + packing", "bf16 + packing + torch.compile"))

@@ -78,3 +78,16 @@ def test_sentence_transformers_truncate_dim_embeds_as_eval_py_at_that_dimension(
         theirs = st.encode(TEXTS, normalize_embeddings=True, convert_to_tensor=True)
         assert theirs.shape == (len(TEXTS), dim)
         torch.testing.assert_close(theirs, ev.at_dim(embed, dim)(TEXTS, False), atol=1e-6, rtol=0)
+
+
+def test_an_eos_that_is_the_pad_is_the_one_the_exported_tokenizer_appends(tmp_path, tiny):
+    # Qwen3-Base and Qwen3-Embedding tokenizers have one token for eos and pad: the model folder appends that one, as
+    # training did, so sentence-transformers pools where our encoder pools.
+    from sentence_transformers import SentenceTransformer
+    model, tokenizer = tiny[0], builtin.qwen3_tokenizer()
+    tokenizer.eos_token = tokenizer.pad_token
+    checkpoint.export_model(str(tmp_path), model.backbone, model.backbone.state_dict(), tokenizer, 32, "find it", "card")
+    loaded = f2llm_model.load(str(tmp_path / "checkpoint"))[1]
+    assert loaded.eos_token_id == loaded.pad_token_id == tokenizer.eos_token_id == 151643
+    st = SentenceTransformer(str(tmp_path / "checkpoint"), device="cpu")
+    torch.testing.assert_close(st.encode(TEXTS, convert_to_tensor=True), f2llm_model.encode(model, tokenizer, TEXTS, max_len=32), atol=1e-6, rtol=0)

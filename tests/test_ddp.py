@@ -103,7 +103,7 @@ def test_an_error_on_one_rank_ends_the_job_with_that_error(tmp_path, common):
     # Rank 1 raises in its second step while rank 0 goes on: the job must end (no hang), fail, and name the error.
     # Rank 0's next collective fails a moment later. torchrun names the earliest failure (in whole seconds, the first
     # it saw on a tie), so a slow look at the workers (every 2 s instead of 0.1 s) makes it see both at once: the
-    # case where rank 0's consequential error used to be named instead (2 runs in 3 before distributed.failed).
+    # case where rank 0's consequential error used to be named instead (2 runs in 3 before launch.failed).
     done = torchrun("tests/fault_worker.py", *common, "--out", tmp_path / "run", check=False, monitor_interval=2)
     output = done.stdout + done.stderr
     assert done.returncode != 0
