@@ -113,9 +113,9 @@ class Batches:
     """Step -> this rank's share of the global batch, as the official loop forms it. Stateless given the step,
     so resuming needs only the step number, and the global batch does not depend on the number of ranks.
 
-    - Every row, every epoch: a source's rows are shuffled each epoch and cut into global batches; the last one
-      is filled by wrapping around to the epoch's first rows, as accelerate's sharded loaders do (even_batches),
-      so a source smaller than a batch is still trained.
+    - Every row, every epoch: a source's rows are shuffled each epoch (seeded by seed, epoch and source) and cut into
+      global batches; the last one is filled by wrapping around to the epoch's first rows, as accelerate's sharded
+      loaders do (even_batches), so a source smaller than a batch is still trained.
     - Which source, each step: the official MultiLoader, i.e. random.Random(epoch).choices over the sources with
       weights fixed to each source's number of batches; a draw that finds its source used up removes it and
       makes no step. Seeded by the epoch alone, as there: --seed changes rows and negatives, not the sources' order.
@@ -167,7 +167,7 @@ class Batches:
         src, n = self.sources[s], NEGATIVES[self.sources[s].kind]
         slots = [0] if src.kind == "classification" else rng.sample(range(src.negatives.shape[1]), n)
         picked = src.negatives[rows][:, slots]
-        for i in np.flatnonzero((picked < 0).any(1)):  # a missing negative: the row's next stored ones take its place
+        for i in np.flatnonzero((picked < 0).any(1)):  # a missing negative: the row's first unused ones (checks.py: enough)
             stored = src.negatives[rows[i]]
             spare = [t for j, t in enumerate(stored) if t >= 0 and j not in slots]
             picked[i] = [t if t >= 0 else spare.pop(0) for t in picked[i]]

@@ -18,7 +18,8 @@ Gradient cache (Gao et al. 2021): 1) embed every chunk without autograd, 2) loss
 backward to d loss / d embedding, 3) re-embed each chunk with autograd under the same RNG state and backward with
 the cached gradient. Each embedding depends on its own sequence only, so the gradient is the sum over chunks of
 each chunk's Jacobian times its cached gradient: the whole batch's gradient, up to the rounding of sums taken in
-another order. Memory of one chunk; one extra forward per chunk but the last, which keeps its graph from step 1 and
+another order. Memory: one chunk's activations, besides the [N, H] embeddings and their gradient; one extra forward
+per chunk but the last, which keeps its graph from step 1 and
 is backpropagated right after step 2. (Qwen3 has no dropout, so the recorded RNG states only matter for a --model
 that has.)
 """
@@ -121,7 +122,8 @@ def cached_step(model, batch, collate, chunker, objective=Objective(), amp=nullc
     """Forward + backward of one batch through the gradient cache; returns (loss, hard, in_batch), detached.
 
     batch: dict(seqs=[queries..., then per query its positive and n negatives], n_queries, n_negatives, in_batch).
-    collate: token lists -> the model's inputs on its device; chunker: seqs -> index lists (speed.chunker).
+    collate: token lists -> the model's inputs on its device; chunker: seqs -> index lists (speed.chunker: longest first,
+    as many chunks on every rank, which the place of the one synchronising backward below relies on).
     One gradient all-reduce per step, as in a plain step: every forward and backward runs under no_sync (DDP registers
     its hooks in the forward, so the forward too) except the re-embedding of the second-to-last chunk, the step's last
     backward; a batch of one chunk is a plain step."""

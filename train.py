@@ -8,7 +8,7 @@
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id run1 train.py --size 4b ...
 
 One step: the global batch (512 queries in the paper, all from one source) is split across ranks; each rank
-runs the gradient cache over its share, chunk by chunk; one all-reduce; clip; AdamW at the released schedule's rate.
+runs the gradient cache over its share, chunk by chunk; one gradient reduction; clip; AdamW at the released schedule's rate.
 The file reads in nanoGPT's order: settings, set-up, data, model, optimizer, then the loop (`train`) and one step.
 """
 import argparse
