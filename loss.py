@@ -18,10 +18,9 @@ Gradient cache (Gao et al. 2021): 1) embed every chunk without autograd, 2) loss
 backward to d loss / d embedding, 3) re-embed each chunk with autograd under the same RNG state and backward with
 the cached gradient. Each embedding depends on its own sequence only, so the gradient is the sum over chunks of
 each chunk's Jacobian times its cached gradient: the whole batch's gradient, up to the rounding of sums taken in
-another order. Memory: one chunk's activations, besides the [N, H] embeddings and their gradient; one extra forward
-per chunk but the last, which keeps its graph from step 1 and
-is backpropagated right after step 2. (Qwen3 has no dropout, so the recorded RNG states only matter for a --model
-that has.)
+another order. Memory: one chunk's activations, besides the [N, H] embeddings and their gradient. Time: one extra
+forward per chunk but the last, which keeps its graph from step 1 and is backpropagated right after step 2. (Qwen3 has
+no dropout, so the recorded RNG states only matter for a --model that has.)
 """
 import math
 from contextlib import nullcontext
