@@ -16,12 +16,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import pearsonr, spearmanr
-from sklearn.cluster import MiniBatchKMeans
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import (accuracy_score, adjusted_mutual_info_score, average_precision_score, f1_score, precision_score,
-                             recall_score, v_measure_score)
-from sklearn.metrics.pairwise import paired_cosine_distances, paired_euclidean_distances, paired_manhattan_distances
+
+# scipy and sklearn are imported in the functions that use them: at the top they cost every process that imports
+# this file (every training process does, through eval.py) 1.3 s, though only the non-retrieval scores need them.
 
 SEED = 42  # MTEB's seed for every sampling step
 KS = (1, 3, 5, 10, 20, 100, 1000)  # retrieval cut-offs; mteb retrieves max(KS) documents per query
@@ -133,6 +130,8 @@ def clustering_scores(embed, texts, labels, fraction=0.04, n_runs=10, bootstrap_
     samples of that level's own documents. Means and stds pool the runs of every level. A document without a
     level gets the filler -1 there, dropped as mteb drops it: compared after numpy's array conversion, so with
     string labels the filler becomes "-1" and stays, a cluster of its own."""
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.metrics import adjusted_mutual_info_score, v_measure_score
     rng = random.Random(SEED)
     if fraction is not None:
         keep = rng.sample(range(len(texts)), min(len(texts), int(fraction * len(texts))))
@@ -161,6 +160,8 @@ def classification_scores(embed, train_texts, train_labels, test_texts, test_lab
     """MTEB: n_experiments logistic regressions, each on the first samples_per_label rows per label of an index list
     that a fresh RandomState(42) shuffles again in every experiment (the list carries over). Only the training rows
     some experiment uses are embedded. Metrics on the predicted labels, averaged over experiments."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, precision_score, recall_score
     idxs, chosen = list(range(len(train_labels))), []
     for _ in range(n_experiments):
         np.random.RandomState(SEED).shuffle(idxs)
@@ -189,12 +190,14 @@ def classification_scores(embed, train_texts, train_labels, test_texts, test_lab
 # ---- pairs: STS, pair classification, summarization ---------------------------------------------------------
 
 def _correlations(gold, predicted):
+    from scipy.stats import pearsonr, spearmanr
     return float(pearsonr(gold, predicted)[0]), float(spearmanr(gold, predicted)[0])
 
 
 def sts_scores(emb1, emb2, gold):
     """Correlations of the gold scores with cosine (1 - sklearn's paired cosine distance: identical pairs give
     exactly 1.0), negated manhattan and euclidean distances, and the model's similarity (cosine, in torch)."""
+    from sklearn.metrics.pairwise import paired_cosine_distances, paired_euclidean_distances, paired_manhattan_distances
     emb1, emb2 = np.asarray(emb1), np.asarray(emb2)
     out = {}
     for name, scores in (("cosine", 1 - paired_cosine_distances(emb1, emb2)), ("manhattan", -paired_manhattan_distances(emb1, emb2)),
@@ -226,6 +229,8 @@ def _best_threshold_metrics(scores, labels, higher_is_similar):
 def pair_classification_scores(emb1, emb2, labels):
     """For each similarity (float32, as mteb computes them): best-threshold accuracy, F1, precision, recall and
     average precision; max_* is the best over similarities."""
+    from sklearn.metrics import average_precision_score
+    from sklearn.metrics.pairwise import paired_cosine_distances, paired_euclidean_distances, paired_manhattan_distances
     emb1, emb2, labels = np.asarray(emb1), np.asarray(emb2), np.asarray(labels, dtype=np.int64)
     similarities = dict(similarity=(pairwise_cos_sim(emb1, emb2).numpy(), True), cosine=(1 - paired_cosine_distances(emb1, emb2), True),
                         manhattan=(paired_manhattan_distances(emb1, emb2), False), euclidean=(paired_euclidean_distances(emb1, emb2), False),
