@@ -168,6 +168,8 @@ def failed(error):
     sys.stderr.flush()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM ends the wait (stop_on_signals would only flag it)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if _stop[0] == signal.SIGTERM:  # it came before the line above (during the failed collective) and was only flagged
+        os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(PEER_WAIT)
     _exit(message, 1, printed=True)
 

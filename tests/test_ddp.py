@@ -138,25 +138,41 @@ def test_under_torchrun_a_users_error_is_one_line_and_the_failing_ranks(tmp_path
     assert "rank 1 stops" not in output or "train.py: rank 1 stops because rank 0 failed: train.py: " in output, output[-3000:]
 
 
-def test_a_rank_whose_peer_failed_says_whose_failure_stopped_it(tmp_path):
-    # The other side of launch.failed, in one process: a peer has announced its failure in the job's store, then this
-    # rank's collective fails. It prints whose failure stopped it, and records that (not its own error) as its error.
+def whose_peer_failed(tmp_path, before=""):
+    """In one process, the other side of launch.failed: a peer has announced its failure in the job's store, then this
+    rank's collective fails (after `before` has run). No torchrun comes to stop it (PEER_WAIT 0)."""
     worker = tmp_path / "worker.py"
-    worker.write_text(f"""import sys
+    worker.write_text(f"""import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 import torch.distributed as dist
 import launch
 dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
 dist.distributed_c10d._get_default_store().set("f2llm/failed/0", "rank 1 failed: train.py: qa.jsonl: line 2: not valid JSON")
-launch.PEER_WAIT = 0  # no torchrun comes to stop it
+launch.PEER_WAIT = 0
+{before}
 launch.failed(RuntimeError("Connection closed by peer"))
 """)
     error_file = tmp_path / "error.json"
     env = dict(os.environ, TORCHELASTIC_ERROR_FILE=str(error_file), TORCHELASTIC_RESTART_COUNT="0")
-    done = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    line = "worker.py: rank 0 stops because rank 1 failed: train.py: qa.jsonl: line 2: not valid JSON"
-    assert done.returncode == 1 and done.stderr.strip() == line, done.stderr[-3000:]
-    assert json.loads(error_file.read_text())["message"]["message"] == line
+    return subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=TIMEOUT, env=env), error_file
+
+
+PEER_LINE = "worker.py: rank 0 stops because rank 1 failed: train.py: qa.jsonl: line 2: not valid JSON"
+
+
+def test_a_rank_whose_peer_failed_says_whose_failure_stopped_it(tmp_path):
+    # It prints whose failure stopped it, and records that (not its own error) as its error.
+    done, error_file = whose_peer_failed(tmp_path)
+    assert done.returncode == 1 and done.stderr.strip() == PEER_LINE, done.stderr[-3000:]
+    assert json.loads(error_file.read_text())["message"]["message"] == PEER_LINE
+
+
+def test_a_rank_whose_peer_failed_takes_a_sigterm_that_came_during_its_failing_collective(tmp_path):
+    # torchrun's SIGTERM can land while the collective is failing, when stop_on_signals only flags it: the rank still
+    # ends on it at once (not after its wait, which torchrun would cut short with a SIGKILL), recording nothing.
+    done, error_file = whose_peer_failed(tmp_path, before="launch.stop_on_signals(); os.kill(os.getpid(), signal.SIGTERM)")
+    assert done.returncode == -signal.SIGTERM and done.stderr.strip() == PEER_LINE, (done.returncode, done.stderr[-3000:])
+    assert not error_file.exists()
 
 
 def test_ctrl_c_under_torchrun_checkpoints_the_step_every_rank_finished(tmp_path, common):
