@@ -89,10 +89,14 @@ def heldout(module, name=None):
 
 
 def write_jsonl(path, rows):
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_text(path, text):
+    """Written whole, then renamed: a process reading it (another rank, another run) never sees part of it."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -147,10 +151,10 @@ def tasks(folder):
         os.makedirs(clustering, exist_ok=True)
         write_jsonl(os.path.join(retrieval, "corpus.jsonl"), [dict(_id=f"{f['module']}.{f['name']}#{i}", title="", text=f["code"]) for i, f in enumerate(unseen)])
         write_jsonl(os.path.join(retrieval, "queries.jsonl"), [dict(_id=f"q{i}", text=f["summary"]) for i, f in enumerate(unseen)])
-        with open(os.path.join(retrieval, "qrels", "test.tsv"), "w") as f:
-            f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{g['module']}.{g['name']}#{i}\t1\n" for i, g in enumerate(unseen)))
+        write_text(os.path.join(retrieval, "qrels", "test.tsv"),
+                   "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{g['module']}.{g['name']}#{i}\t1\n" for i, g in enumerate(unseen)))
         write_jsonl(os.path.join(clustering, "test.jsonl"), [dict(text=f["code"], label=f["module"]) for f in held if count[f["module"]] >= 3])
-        json.dump(dict(type="retrieval", instruction=RETRIEVAL_INSTRUCTION), open(os.path.join(retrieval, "task.json"), "w"))
+        write_text(os.path.join(retrieval, "task.json"), json.dumps(dict(type="retrieval", instruction=RETRIEVAL_INSTRUCTION)))
         # Our task is small (a few hundred functions), so every document is embedded, not MTEB's default 4%.
-        json.dump(dict(type="clustering", instruction=CLUSTERING_INSTRUCTION, fraction=1.0), open(os.path.join(clustering, "task.json"), "w"))
+        write_text(os.path.join(clustering, "task.json"), json.dumps(dict(type="clustering", instruction=CLUSTERING_INSTRUCTION, fraction=1.0)))
     return [retrieval, clustering]

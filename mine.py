@@ -89,8 +89,9 @@ def embedder(model, tokenizer, name, max_len, batch_size, cache_dir):
                 part[r::world] = p
         if path and rank == 0:
             os.makedirs(cache_dir, exist_ok=True)
-            np.save(f"{path}.tmp.npy", part.numpy())
-            os.replace(f"{path}.tmp.npy", path)
+            tmp = f"{path}.tmp{os.getpid()}.npy"  # this process's: two runs embedding the same texts may meet here
+            np.save(tmp, part.numpy())
+            os.replace(tmp, path)
         return part
     return embed
 

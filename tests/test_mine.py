@@ -111,7 +111,8 @@ def test_two_ranks_mine_what_one_process_mines(tmp_path):
         f.writelines(json.dumps(dict(query=x["summary"], positive=x["code"])) + "\n" for x in funcs)
     args = ["--model", "tiny", "--max-len", 48, "--instruction", "find", "--max-score", 1.0, "--relative-margin", 0, "--negatives", 8,
             "--range-max", 40]
-    mine.main([str(tmp_path / "pairs.jsonl"), "--name", "one", "--out", str(tmp_path / "one"), *map(str, args)])
+    mine.main([str(tmp_path / "pairs.jsonl"), "--name", "one", "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1"),
+               *map(str, args)])
     torchrun("mine.py", tmp_path / "pairs.jsonl", "--name", "one", "--out", tmp_path / "two", "--cache-dir", tmp_path / "cache2", *args)
     one, two = pq.read_table(tmp_path / "one" / "one.parquet").to_pylist(), pq.read_table(tmp_path / "two" / "one.parquet").to_pylist()
     assert len(one) > 20 and one == two
