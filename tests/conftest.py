@@ -3,6 +3,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -84,8 +85,11 @@ def torchrun_nodes(script, *args, nodes=2, timeout=TIMEOUT):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint={endpoint}", "--rdzv-id=test", script, *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(nodes)]
-    outputs = [a.communicate(timeout=timeout)[0] for a in agents]
+    logs = [tempfile.TemporaryFile("w+") for _ in range(nodes)]  # not pipes: one read after another could fill the other's
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True) for log in logs]
+    for agent in agents:
+        agent.wait(timeout=timeout)
+    outputs = [log.seek(0) or log.read() for log in logs]
     assert all(a.returncode == 0 for a in agents), "\n".join(o[-3000:] for o in outputs)
     return outputs
 

@@ -4,7 +4,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from conftest import ROOT, TIMEOUT, read_log, write_source
@@ -53,6 +55,18 @@ def start(args, log):
     return proc
 
 
+@contextmanager
+def killed_after(proc, seconds=TIMEOUT):
+    """While the test waits for a line: a stall kills the process, so its output ends and the test fails, not hangs."""
+    timer = threading.Timer(seconds, proc.kill)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def test_ctrl_c_finishes_the_step_and_checkpoints_it(data_dir, tmp_path):
     out = tmp_path / "run"
     proc = start(["train.py", *flags(data_dir, tmp_path, "--epochs", 50, "--out", out)], out / "log.jsonl")  # 600 steps: it never ends first
@@ -82,10 +96,11 @@ def test_a_second_ctrl_c_stops_at_once(data_dir, tmp_path):
     proc = start(["-c", SLOW_SAVE, *flags(data_dir, tmp_path, "--epochs", 50, "--out", out)], out / "log.jsonl")
     proc.send_signal(signal.SIGINT)
     lines = []
-    for line in proc.stdout:  # the first one is taken: the step finishes, then the (slow) save starts
-        lines.append(line)
-        if line.startswith("saving"):
-            break
+    with killed_after(proc):
+        for line in proc.stdout:  # the first one is taken: the step finishes, then the (slow) save starts
+            lines.append(line)
+            if line.startswith("saving"):
+                break
     sent = time.time()
     proc.send_signal(signal.SIGINT)
     output = "".join(lines) + proc.communicate(timeout=TIMEOUT)[0]
@@ -164,7 +179,8 @@ def test_a_killed_tokenization_leaves_nothing_that_the_next_run_keeps(data_dir, 
     cache = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-c", BLOCKED_TOKENIZATION, str(data_dir / "qa.jsonl"), str(cache)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().startswith("tokenizing")
+    with killed_after(proc):
+        assert proc.stdout.readline().startswith("tokenizing")
     proc.kill()
     proc.wait()
     left = [p for p in cache.iterdir() if ".tmp-" in p.name]
