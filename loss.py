@@ -123,9 +123,9 @@ def cached_step(model, batch, collate, chunker, objective=Objective(), amp=nullc
     batch: dict(seqs=[queries..., then per query its positive and n negatives], n_queries, n_negatives, in_batch).
     collate: token lists -> the model's inputs on its device; chunker: seqs -> index lists (speed.chunker: longest first,
     as many chunks on every rank, which the place of the one synchronising backward below relies on).
-    One gradient all-reduce per step, as in a plain step: every forward and backward runs under no_sync (DDP registers
-    its hooks in the forward, so the forward too) except the re-embedding of the second-to-last chunk, the step's last
-    backward; a batch of one chunk is a plain step."""
+    One gradient all-reduce per step, as in a plain step: every backward, and every forward with autograd (DDP sets up
+    its hooks there), runs under no_sync except the re-embedding of the second-to-last chunk, the step's last backward;
+    a batch of one chunk is a plain step."""
     seqs = batch["seqs"]
     chunks, device = chunker(seqs), next(model.parameters()).device
     rows = speed.to_device(torch.tensor([i for idx in chunks for i in idx]), device).split([len(idx) for idx in chunks])
